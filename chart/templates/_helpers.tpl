@@ -1,0 +1,284 @@
+{{/*
+Names and labels.
+*/}}
+{{- define "nvidia-installer.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "nvidia-installer.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Name of one component's objects; "installer" keeps the plain full name. Call with (list $ "webhook"). */}}
+{{- define "nvidia-installer.componentName" -}}
+{{- $root := index . 0 }}
+{{- $component := index . 1 }}
+{{- $fullname := include "nvidia-installer.fullname" $root }}
+{{- if eq $component "installer" }}
+{{- $fullname }}
+{{- else }}
+{{- printf "%s-%s" ($fullname | trunc (int (sub 62 (len $component))) | trimSuffix "-") $component }}
+{{- end }}
+{{- end }}
+
+{{- define "nvidia-installer.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels of one component. Call with (list $ "webhook"). */}}
+{{- define "nvidia-installer.selectorLabels" -}}
+{{- $root := index . 0 -}}
+app.kubernetes.io/name: {{ include "nvidia-installer.name" $root }}
+app.kubernetes.io/instance: {{ $root.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{/* All labels of one component's objects. Call with (list $ "webhook"). */}}
+{{- define "nvidia-installer.labels" -}}
+{{- $root := index . 0 -}}
+helm.sh/chart: {{ include "nvidia-installer.chart" $root }}
+{{ include "nvidia-installer.selectorLabels" . }}
+app.kubernetes.io/version: {{ $root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ $root.Release.Service }}
+app.kubernetes.io/part-of: nvidia-installer
+{{- end }}
+
+{{/*
+Mode: "compiler" (allowCompilation + forceCompile) or "installer".
+*/}}
+{{- define "nvidia-installer.mode" -}}
+{{- if and .Values.forceCompile (not .Values.allowCompilation) }}
+{{- fail "forceCompile: true compiles on the compiler instance and needs allowCompilation: true as well" }}
+{{- end }}
+{{- if .Values.forceCompile }}compiler{{ else }}installer{{ end }}
+{{- end }}
+
+{{/*
+Images.
+*/}}
+{{- define "nvidia-installer.imageRef" -}}
+{{- $image := index . 0 }}
+{{- $defaultTag := index . 1 }}
+{{- $ref := printf "%s:%s" $image.repository (default $defaultTag $image.tag) }}
+{{- if $image.digest }}
+{{- $ref = printf "%s@%s" $ref $image.digest }}
+{{- end }}
+{{- $ref }}
+{{- end }}
+
+{{/* The nvidia-installer image: the DaemonSets and the webhook's --installer-image use this one helper. */}}
+{{- define "nvidia-installer.installerImage" -}}
+{{- include "nvidia-installer.imageRef" (list .Values.nvidiaInstaller.image .Chart.AppVersion) }}
+{{- end }}
+
+{{/* Pull policy of the nvidia-installer image, also the webhook's --image-pull-policy. */}}
+{{- define "nvidia-installer.installerPullPolicy" -}}
+{{- .Values.nvidiaInstaller.image.pullPolicy }}
+{{- end }}
+
+{{- define "nvidia-installer.webhookImage" -}}
+{{- include "nvidia-installer.imageRef" (list .Values.webhook.image .Chart.AppVersion) }}
+{{- end }}
+
+{{- define "nvidia-installer.devImage" -}}
+{{- $tag := default .Values.gardenlinuxVersion .Values.compiler.devImage.tag }}
+{{- if not $tag }}
+{{- fail "compiling needs the Garden Linux dev image: set gardenlinuxVersion or compiler.devImage.tag" }}
+{{- end }}
+{{- printf "%s:%s" .Values.compiler.devImage.repository $tag }}
+{{- end }}
+
+{{/*
+Injection settings, shared by the webhook and the DaemonSets.
+*/}}
+{{/* The driver root on the host (host layout of the contract; not configurable). */}}
+{{- define "nvidia-installer.driverRoot" -}}
+/opt/nvidia-installer
+{{- end }}
+
+{{- define "nvidia-installer.mountPath" -}}
+{{- .Values.injection.mountPath }}
+{{- end }}
+
+{{- define "nvidia-installer.waitTimeout" -}}
+{{- .Values.injection.waitTimeout }}
+{{- end }}
+
+{{- define "nvidia-installer.gpuResources" -}}
+{{- join "," .Values.injection.gpuResources }}
+{{- end }}
+
+{{/* The webhook flags that describe what is injected. */}}
+{{- define "nvidia-installer.injectionArgs" -}}
+- --installer-image={{ include "nvidia-installer.installerImage" . }}
+- --image-pull-policy={{ include "nvidia-installer.installerPullPolicy" . }}
+- --driver-root={{ include "nvidia-installer.driverRoot" . }}
+- --mount-path={{ include "nvidia-installer.mountPath" . }}
+- --wait-timeout={{ include "nvidia-installer.waitTimeout" . }}
+- --gpu-resources={{ include "nvidia-installer.gpuResources" . }}
+- --set-library-path={{ .Values.injection.setLibraryPath }}
+{{- end }}
+
+{{/* CEL: is resource name `r` one of the GPU resources? */}}
+{{- define "nvidia-installer.gpuResourceCEL" -}}
+{{- $terms := list }}
+{{- range .Values.injection.gpuResources }}
+{{- if hasSuffix "*" . }}
+{{- $terms = append $terms (printf "r.startsWith('%s')" (trimSuffix "*" .)) }}
+{{- else }}
+{{- $terms = append $terms (printf "r == '%s'" .) }}
+{{- end }}
+{{- end }}
+{{- join " || " $terms }}
+{{- end }}
+
+{{/*
+nvidia-installer command lines.
+*/}}
+{{- define "nvidia-installer.logLevel" -}}
+{{- if .Values.debug }}debug{{ else }}{{ .Values.logLevel }}{{ end }}
+{{- end }}
+
+{{/* Flags every nvidia-installer subcommand takes. Call with (list $ "/host") or (list $ "") for no host root. */}}
+{{- define "nvidia-installer.commonArgs" -}}
+{{- $root := index . 0 }}
+{{- $hostRoot := index . 1 }}
+{{- with $hostRoot }}
+- --host-root={{ . }}
+{{- end }}
+{{- with $root.Values.nvidiaInstaller.driverVersion }}
+- --driver-version={{ . }}
+{{- end }}
+{{- with $root.Values.gardenlinuxVersion }}
+- --gardenlinux-version={{ . }}
+{{- end }}
+{{- with $root.Values.nvidiaInstaller.kernelRelease }}
+- --kernel-release={{ . }}
+{{- end }}
+- --log-format={{ $root.Values.logFormat }}
+{{- end }}
+
+{{/* Flags of the subcommands that talk to the bucket. */}}
+{{- define "nvidia-installer.bucketArgs" -}}
+{{- with .Values.nvidiaInstaller.bucket }}
+- --bucket={{ . }}
+{{- end }}
+{{- with .Values.nvidiaInstaller.region }}
+- --region={{ . }}
+{{- end }}
+{{- with .Values.nvidiaInstaller.s3Endpoint }}
+- --s3-endpoint={{ . }}
+{{- end }}
+{{- end }}
+
+{{/* Environment of every nvidia-installer container. */}}
+{{- define "nvidia-installer.env" -}}
+- name: NODE_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: spec.nodeName
+- name: RUST_LOG
+  value: {{ include "nvidia-installer.logLevel" . | quote }}
+{{- end }}
+
+{{/* Bucket credentials from driverBucketSecret, with the original system's keys; none for role-based credentials. */}}
+{{- define "nvidia-installer.bucketEnv" -}}
+{{- with .Values.driverBucketSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: accessKeyId
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: secretAccessKey
+- name: NVIDIA_INSTALLER_BUCKET
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: bucket
+- name: AWS_REGION
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: region
+      optional: true
+- name: NVIDIA_INSTALLER_S3_ENDPOINT
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: endpoint
+      optional: true
+{{- end }}
+{{- end }}
+
+{{/* The init container that copies nvidia-installer into /cmd for the dev image. */}}
+{{- define "nvidia-installer.copyBinaryContainer" -}}
+- name: copy-installer
+  image: {{ include "nvidia-installer.installerImage" . }}
+  imagePullPolicy: {{ include "nvidia-installer.installerPullPolicy" . }}
+  command: ["cp", "/usr/local/bin/nvidia-installer", "/cmd/nvidia-installer"]
+  securityContext:
+    {{- include "nvidia-installer.restrictedContainerSecurityContext" . | nindent 4 }}
+  resources:
+    requests:
+      cpu: 10m
+      memory: 16Mi
+    limits:
+      memory: 64Mi
+  volumeMounts:
+    - name: cmd
+      mountPath: /cmd
+{{- end }}
+
+{{/*
+Security contexts and scheduling.
+*/}}
+{{- define "nvidia-installer.restrictedContainerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "nvidia-installer.nodeScheduling" -}}
+priorityClassName: {{ .Values.nvidiaInstaller.priorityClassName }}
+{{- with .Values.nvidiaInstaller.nodeAffinity }}
+affinity:
+  nodeAffinity:
+    {{- toYaml . | nindent 4 }}
+{{- end }}
+{{- with .Values.nvidiaInstaller.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The webhook's objects. */}}
+{{- define "nvidia-installer.webhookTlsSecret" -}}
+{{- printf "%s-tls" (include "nvidia-installer.componentName" (list . "webhook")) }}
+{{- end }}
+
+{{- define "nvidia-installer.webhookConfigName" -}}
+{{- include "nvidia-installer.componentName" (list . "webhook") }}
+{{- end }}

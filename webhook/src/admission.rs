@@ -1,0 +1,209 @@
+//! The HTTP layer: parse the AdmissionReview, call [`mutate`](crate::mutate()), answer.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::TypeMeta;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use serde_json::Value;
+use tracing::{debug, info, warn};
+
+use crate::config::InjectConfig;
+use crate::metrics::Metrics;
+use crate::mutate::{Outcome, mutate};
+
+/// Largest AdmissionReview accepted. The API server caps a request at 3 MiB and a review
+/// carries the object (and, on update, the old object), so 4 MiB never refuses a real review.
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Shared state of the server.
+#[derive(Debug)]
+pub struct AppState {
+    pub config: InjectConfig,
+    pub metrics: Metrics,
+    ready: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(config: InjectConfig) -> Arc<Self> {
+        Arc::new(Self { config, metrics: Metrics::new(), ready: AtomicBool::new(true) })
+    }
+
+    /// Mark the server as going away: `/readyz` fails so endpoints drop it before it stops.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+}
+
+/// The webhook's routes: `POST /mutate`, `GET /healthz`, `GET /readyz`, `GET /metrics`.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/mutate", post(mutate_handler))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ok").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
+        .into_response()
+}
+
+async fn mutate_handler(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let started = Instant::now();
+    state.metrics.requests.inc();
+    let response = match body {
+        Ok(body) => review(&state, &body),
+        Err(rejection) => {
+            let status = rejection.status();
+            state.metrics.error(if status == StatusCode::PAYLOAD_TOO_LARGE { "too-large" } else { "unreadable-body" });
+            warn!(%status, error = %rejection.body_text(), "admission request body refused");
+            (status, format!("{}; the limit is {MAX_BODY_BYTES} bytes\n", rejection.body_text())).into_response()
+        }
+    };
+    state.metrics.latency.observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Answer one review body: the typed fast path, or a careful look at what could not be read.
+fn review(state: &AppState, body: &[u8]) -> Response {
+    match serde_json::from_slice::<AdmissionReview<Pod>>(body) {
+        Ok(review) => match review.try_into() {
+            Ok(request) => reply(admit(state, &request)),
+            Err(_) => {
+                state.metrics.error("malformed");
+                bad_request("the AdmissionReview carries no request".to_owned())
+            }
+        },
+        Err(error) => unreadable(state, body, error),
+    }
+}
+
+/// Decide on a parsed request.
+pub fn admit(state: &AppState, request: &AdmissionRequest<Pod>) -> AdmissionResponse {
+    let response = AdmissionResponse::from(request);
+    let pod_create = request.kind.group.is_empty()
+        && request.kind.kind == "Pod"
+        && request.sub_resource.is_none()
+        && request.operation == Operation::Create;
+    let Some(pod) = request.object.as_ref().filter(|_| pod_create) else {
+        state.metrics.skip(crate::metrics::NOT_POD_CREATE);
+        debug!(uid = %request.uid, kind = %request.kind.kind, operation = ?request.operation, "not a pod creation; allowed unchanged");
+        return response;
+    };
+    let namespace = request.namespace.as_deref().or(pod.metadata.namespace.as_deref()).unwrap_or_default();
+    let name = pod.metadata.name.as_deref().or(pod.metadata.generate_name.as_deref()).unwrap_or_default();
+    match mutate(pod, &state.config) {
+        Ok(mutation) => {
+            let mut response = response;
+            if !mutation.warnings.is_empty() {
+                for warning in &mutation.warnings {
+                    warn!(uid = %request.uid, namespace, pod = name, warning = %warning, "pod left partly unchanged");
+                }
+                response.warnings = Some(mutation.warnings);
+            }
+            match mutation.outcome {
+                Outcome::Injected { mounted } => {
+                    state.metrics.injected.inc();
+                    info!(uid = %request.uid, namespace, pod = name, ?mounted, "driver injected");
+                    match response.with_patch(mutation.patch) {
+                        Ok(response) => response,
+                        Err(error) => {
+                            state.metrics.error("patch-encoding");
+                            AdmissionResponse::from(request)
+                                .deny(format!("nvidia-installer webhook could not encode its patch: {error}"))
+                        }
+                    }
+                }
+                Outcome::Skipped(reason) => {
+                    state.metrics.skip(reason.as_str());
+                    debug!(uid = %request.uid, namespace, pod = name, reason = reason.as_str(), "pod left unchanged");
+                    response
+                }
+            }
+        }
+        Err(error) => {
+            state.metrics.error("invalid-pod");
+            warn!(uid = %request.uid, namespace, pod = name, %error, "pod refused");
+            response.deny(error.to_string())
+        }
+    }
+}
+
+/// The body did not read as an AdmissionReview of a Pod. Answer with the request's uid when it
+/// has one, so the API server can tell the user what went wrong; otherwise 400.
+fn unreadable(state: &AppState, body: &[u8], error: serde_json::Error) -> Response {
+    state.metrics.error("malformed");
+    let Ok(value) = serde_json::from_slice::<Value>(body) else {
+        warn!(%error, "admission request is not JSON");
+        return bad_request(format!("the request body is not JSON: {error}"));
+    };
+    let request = value.get("request");
+    let Some(uid) = request.and_then(|r| r.get("uid")).and_then(Value::as_str) else {
+        warn!(%error, "admission request is not an AdmissionReview");
+        return bad_request(format!(
+            "the request body is not an admission.k8s.io/v1 AdmissionReview with a request uid: {error}"
+        ));
+    };
+    let text = |v: Option<&Value>, default: &str| v.and_then(Value::as_str).unwrap_or(default).to_owned();
+    let kind = request.and_then(|r| r.pointer("/kind/kind")).and_then(Value::as_str).unwrap_or_default();
+    let mut response = AdmissionResponse::invalid(format!(
+        "nvidia-installer webhook could not read the {} in AdmissionReview {uid}: {error}",
+        if kind.is_empty() { "object" } else { kind }
+    ));
+    response.uid = uid.to_owned();
+    response.types = TypeMeta {
+        api_version: text(value.get("apiVersion"), "admission.k8s.io/v1"),
+        kind: text(value.get("kind"), "AdmissionReview"),
+    };
+    if kind != "Pod" {
+        // Not ours to judge: the webhook is registered for pods only.
+        response.allowed = true;
+        response.result = Default::default();
+    }
+    warn!(uid, %error, kind, allowed = response.allowed, "AdmissionReview could not be read");
+    reply(response)
+}
+
+/// Serialize the review. The API server reads `patch` as Go `[]byte`, which JSON carries as
+/// base64; kube's type holds raw bytes (serialized as a number array), so encode it here.
+fn reply(response: AdmissionResponse) -> Response {
+    let review = response.into_review();
+    let mut value = match serde_json::to_value(&review) {
+        Ok(value) => value,
+        Err(error) => {
+            return (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the AdmissionReview: {error}\n"))
+                .into_response();
+        }
+    };
+    if let Some(patch) = value.pointer_mut("/response/patch")
+        && let Some(bytes) = review.response.as_ref().and_then(|r| r.patch.as_deref())
+    {
+        *patch = Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
+    }
+    axum::Json(value).into_response()
+}
+
+fn bad_request(message: String) -> Response {
+    (StatusCode::BAD_REQUEST, message + "\n").into_response()
+}

@@ -1,0 +1,118 @@
+//! Command line of `nvidia-webhook`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::InjectConfig;
+use crate::contract;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nvidia-webhook",
+    version,
+    about = "Mutating admission webhook: GPU pods wait for the node's NVIDIA driver and see it at /usr/local/nvidia"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format.
+    #[arg(long, env = "NVIDIA_WEBHOOK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve admission reviews over HTTPS: POST /mutate, GET /healthz, /readyz, /metrics.
+    Serve(ServeArgs),
+    /// Print manifests (file or stdin, YAML or JSON) mutated exactly as the server would.
+    Inject(InjectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "NVIDIA_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+    /// PEM certificate chain; reloaded when it changes.
+    #[arg(long, env = "NVIDIA_WEBHOOK_TLS_CERT", default_value = "/tls/tls.crt")]
+    pub tls_cert: PathBuf,
+    /// PEM private key; reloaded when it changes.
+    #[arg(long, env = "NVIDIA_WEBHOOK_TLS_KEY", default_value = "/tls/tls.key")]
+    pub tls_key: PathBuf,
+    /// How often the certificate files are checked for changes.
+    #[arg(long, env = "NVIDIA_WEBHOOK_TLS_RELOAD_INTERVAL", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub tls_reload_interval: Duration,
+    /// After SIGTERM: how long to keep serving with /readyz failing.
+    #[arg(long, env = "NVIDIA_WEBHOOK_SHUTDOWN_DELAY", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub shutdown_delay: Duration,
+    /// After the delay: how long in-flight requests get to finish.
+    #[arg(long, env = "NVIDIA_WEBHOOK_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "20s")]
+    pub drain_timeout: Duration,
+    #[command(flatten)]
+    pub inject: InjectionArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct InjectArgs {
+    /// Manifest file, or `-` for stdin.
+    #[arg(short = 'f', long = "filename", default_value = "-")]
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub inject: InjectionArgs,
+}
+
+/// What the webhook injects; the chart passes the same values as to the installer DaemonSet.
+#[derive(Debug, Args)]
+pub struct InjectionArgs {
+    /// Image of nvidia-installer for the init container.
+    #[arg(long, env = "NVIDIA_WEBHOOK_INSTALLER_IMAGE", default_value = "ghcr.io/gardenlinux/nvidia-installer:latest")]
+    pub installer_image: String,
+    /// imagePullPolicy of the init container.
+    #[arg(long, env = "NVIDIA_WEBHOOK_IMAGE_PULL_POLICY", default_value = "IfNotPresent")]
+    pub image_pull_policy: String,
+    /// Host directory with the driver cache, `current` and `ready`.
+    #[arg(long, env = "NVIDIA_WEBHOOK_DRIVER_ROOT", default_value = contract::DRIVER_ROOT)]
+    pub driver_root: String,
+    /// Where GPU containers see the driver.
+    #[arg(long, env = "NVIDIA_WEBHOOK_MOUNT_PATH", default_value = contract::MOUNT_PATH)]
+    pub mount_path: String,
+    /// How long the init container waits for the driver.
+    #[arg(long, env = "NVIDIA_WEBHOOK_WAIT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10m")]
+    pub wait_timeout: Duration,
+    /// Resource names that make a container a GPU container (a trailing `*` matches a prefix).
+    #[arg(
+        long,
+        env = "NVIDIA_WEBHOOK_GPU_RESOURCES",
+        value_delimiter = ',',
+        default_value = "nvidia.com/gpu,nvidia.com/mig-*"
+    )]
+    pub gpu_resources: Vec<String>,
+    /// Set or extend LD_LIBRARY_PATH in GPU containers.
+    #[arg(long, env = "NVIDIA_WEBHOOK_SET_LIBRARY_PATH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub set_library_path: bool,
+}
+
+impl InjectionArgs {
+    pub fn config(&self) -> crate::Result<InjectConfig> {
+        let config = InjectConfig {
+            installer_image: self.installer_image.clone(),
+            image_pull_policy: self.image_pull_policy.clone(),
+            driver_root: self.driver_root.clone(),
+            mount_path: self.mount_path.clone(),
+            wait_timeout: self.wait_timeout,
+            gpu_resources: self.gpu_resources.iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect(),
+            set_library_path: self.set_library_path,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}

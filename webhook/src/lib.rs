@@ -1,0 +1,39 @@
+//! `nvidia-webhook`: a mutating admission webhook that gives GPU pods the node's NVIDIA driver.
+//!
+//! The work is one pure function, [`mutate::mutate`], shared by the HTTPS server
+//! ([`admission`], [`server`]) and the offline `inject` command ([`manifest`]).
+
+pub mod admission;
+pub mod cli;
+pub mod config;
+pub mod contract;
+pub mod logging;
+pub mod manifest;
+pub mod metrics;
+pub mod mutate;
+pub mod server;
+pub mod tls;
+
+pub use config::InjectConfig;
+pub use mutate::{Mutation, Outcome, SkipReason, mutate};
+
+/// Errors of this crate. Each says what failed and with what.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "pod annotation {annotation}={value:?} is not a valid driver version (expected digits, letters, '.', '-' or '_', at most 64 characters)"
+    )]
+    InvalidPin { annotation: String, value: String },
+    #[error("reading TLS material from {path}: {source}")]
+    TlsRead { path: std::path::PathBuf, source: std::io::Error },
+    #[error("TLS material in {path}: {reason}")]
+    TlsInvalid { path: std::path::PathBuf, reason: String },
+    #[error("manifest document {index}: {reason}")]
+    Manifest { index: usize, reason: String },
+    #[error("{0}")]
+    Config(String),
+    #[error("serving on {addr}: {source}")]
+    Serve { addr: std::net::SocketAddr, source: std::io::Error },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

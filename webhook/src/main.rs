@@ -1,0 +1,54 @@
+use std::io::Read;
+
+use anyhow::Context;
+use clap::Parser;
+use nvidia_webhook::admission::AppState;
+use nvidia_webhook::cli::{Cli, Command};
+use nvidia_webhook::server::{ServeOptions, serve, shutdown_signal};
+use nvidia_webhook::tls::TlsFiles;
+use nvidia_webhook::{logging, manifest};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("nvidia-webhook: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let state = AppState::new(args.inject.config()?);
+            let options = ServeOptions {
+                listen: args.listen,
+                tls: TlsFiles { cert: args.tls_cert, key: args.tls_key },
+                reload_interval: args.tls_reload_interval,
+                shutdown_delay: args.shutdown_delay,
+                drain_timeout: args.drain_timeout,
+            };
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(serve(options, state, shutdown_signal()))?;
+        }
+        Command::Inject(args) => {
+            let config = args.inject.config()?;
+            let input = if args.file.as_os_str() == "-" {
+                let mut text = String::new();
+                std::io::stdin().read_to_string(&mut text).context("reading stdin")?;
+                text
+            } else {
+                std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file.display()))?
+            };
+            let (out, notes) = manifest::inject_text(&input, &config)?;
+            for note in notes {
+                eprintln!("{note}");
+            }
+            print!("{out}");
+        }
+    }
+    Ok(())
+}

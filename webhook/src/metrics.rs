@@ -1,0 +1,71 @@
+//! Prometheus metrics of the admission server.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::mutate::SkipReason;
+
+/// Skip reason for reviews that are not pod creations (the webhook answers them unchanged).
+pub const NOT_POD_CREATE: &str = "not-pod-create";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+/// The counters and the latency histogram, plus the registry that encodes them.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Counter,
+    pub injected: Counter,
+    pub skipped: Family<ReasonLabel, Counter>,
+    pub errors: Family<ReasonLabel, Counter>,
+    pub latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("nvidia_webhook");
+        let requests = Counter::default();
+        let injected = Counter::default();
+        let skipped = Family::<ReasonLabel, Counter>::default();
+        let errors = Family::<ReasonLabel, Counter>::default();
+        // 50 µs .. ~1.6 s
+        let latency = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 16));
+        registry.register("admission_requests", "AdmissionReviews received", requests.clone());
+        registry.register("injected", "Pods that got the driver injected", injected.clone());
+        registry.register("skipped", "Pods left unchanged, by reason", skipped.clone());
+        registry.register("errors", "Requests answered with an error, by kind", errors.clone());
+        registry.register("admission_duration_seconds", "Time to answer an AdmissionReview", latency.clone());
+        for reason in SkipReason::ALL.iter().map(|r| r.as_str()).chain([NOT_POD_CREATE]) {
+            drop(skipped.get_or_create(&ReasonLabel { reason: reason.to_owned() }));
+        }
+        Self { registry, requests, injected, skipped, errors, latency }
+    }
+
+    pub fn skip(&self, reason: &str) {
+        self.skipped.get_or_create(&ReasonLabel { reason: reason.to_owned() }).inc();
+    }
+
+    pub fn error(&self, kind: &str) {
+        self.errors.get_or_create(&ReasonLabel { reason: kind.to_owned() }).inc();
+    }
+
+    /// The metrics in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
