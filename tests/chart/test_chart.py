@@ -420,6 +420,7 @@ def test_injection_settings_agree_with_the_daemonsets(case: str) -> None:
         assert wait["image"] == webhook["--installer-image"]
         assert wait["imagePullPolicy"] == webhook["--image-pull-policy"]
         assert flags(wait["args"])["--timeout"] == webhook["--wait-timeout"] == v["injection"]["waitTimeout"]
+        assert flags(wait["args"])["--driver-root"] == webhook["--driver-root"]
         driver_root = next(vol for vol in plugin["spec"]["template"]["spec"]["volumes"]
                            if vol["name"] == "driver-root")
         assert driver_root["hostPath"]["path"] == webhook["--driver-root"]
