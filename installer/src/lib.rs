@@ -1,1 +1,67 @@
+//! `nvidia-installer`: stages the prebuilt NVIDIA driver from S3 onto a node, loads it, marks the
+//! node ready, and gates GPU pods (`wait`) until it is.
 
+pub mod archive;
+pub mod cli;
+pub mod gc;
+pub mod install;
+pub mod kernel;
+pub mod layout;
+pub mod lock;
+pub mod manifest;
+pub mod node;
+pub mod pack;
+pub mod publish;
+pub mod ready;
+pub mod s3;
+pub mod stage;
+pub mod status;
+
+use std::path::{Path, PathBuf};
+
+/// Errors of the installer. Each names the bucket, key, path, module or kernel involved.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{action} {path}: {source}")]
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("archive {source_name}: {reason}")]
+    Archive { source_name: String, reason: String },
+    #[error("archive {source_name} refused: entry {entry:?}: {reason}")]
+    Hostile { source_name: String, entry: String, reason: String },
+    #[error("manifest {source_name}: {reason}")]
+    Manifest { source_name: String, reason: String },
+    #[error("{what}: sha256 mismatch: expected {expected}, got {actual}; nothing was published")]
+    Checksum { what: String, expected: String, actual: String },
+    #[error("no driver bundle in bucket {bucket}: tried {}", tried.join(", "))]
+    NotFound { bucket: String, tried: Vec<String> },
+    #[error("S3 {operation} s3://{bucket}/{key}: {reason}")]
+    S3 { operation: &'static str, bucket: String, key: String, reason: String },
+    #[error("{0}")]
+    Config(String),
+    #[error("module {module} ({path}): {reason}")]
+    Module { module: String, path: PathBuf, reason: String },
+    #[error(
+        "NVIDIA driver {loaded} is loaded on this node but {wanted} is to be installed: drain the node, then unload the old driver (rmmod nvidia_drm nvidia_modeset nvidia_uvm nvidia) or reboot it"
+    )]
+    OtherVersionLoaded { loaded: String, wanted: String },
+    #[error("device node {path}: {reason}")]
+    Device { path: PathBuf, reason: String },
+    #[error("nvidia-smi ({path}) failed: {reason}")]
+    Smi { path: PathBuf, reason: String },
+    #[error("{0}")]
+    WaitTimeout(String),
+    #[error("updating node {node}: {reason}")]
+    Node { node: String, reason: String },
+}
+
+impl Error {
+    pub fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {
+        Self::Io { action, path: path.to_owned(), source }
+    }
+
+    pub fn s3(operation: &'static str, bucket: &str, key: &str, reason: String) -> Self {
+        Self::S3 { operation, bucket: bucket.to_owned(), key: key.to_owned(), reason }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,357 @@
+//! `install`: stage, load the modules, create the device nodes, run `nvidia-smi`, then mark the
+//! node ready. Failure anywhere leaves no ready marker, unloads what this run loaded, records
+//! the reason for `wait`, and reports `driver-ready=false` with an Event.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use tracing::{info, warn};
+
+use crate::kernel::{self, Kernel};
+use crate::layout::Layout;
+use crate::lock::HostLock;
+use crate::manifest::Manifest;
+use crate::node::{Report, Reporter};
+use crate::ready::{self, LastError, ReadyMarker};
+use crate::stage::{self, StageRequest, Staged};
+use crate::{Error, Result};
+
+/// The modules loaded by default, in dependency order.
+pub const DEFAULT_MODULES: [&str; 3] = ["nvidia", "nvidia-uvm", "nvidia-modeset"];
+/// Load order when more are asked for.
+const ORDER: [&str; 5] = ["nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-drm", "nvidia-peermem"];
+
+#[derive(Debug, Clone)]
+pub struct InstallRequest {
+    pub stage: StageRequest,
+    pub modules: Vec<String>,
+}
+
+/// Install and report the outcome.
+pub async fn install(
+    layout: &Layout,
+    request: &InstallRequest,
+    kernel: &dyn Kernel,
+    reporter: &Reporter,
+) -> Result<ReadyMarker> {
+    let driver = request.stage.driver_version.clone();
+    let result = install_locked(layout, request, kernel).await;
+    match &result {
+        Ok(marker) => {
+            ready::clear_last_error(layout);
+            reporter
+                .report(Report {
+                    ready: true,
+                    driver_version: driver,
+                    reason: "DriverReady".to_owned(),
+                    message: format!(
+                        "NVIDIA driver {} ready for kernel {}",
+                        marker.driver_version, marker.kernel_release
+                    ),
+                })
+                .await;
+        }
+        Err(Error::OtherVersionLoaded { loaded, .. }) => {
+            // The loaded driver keeps serving its pods; the node stays ready for it.
+            let message = result.as_ref().err().map(ToString::to_string).unwrap_or_default();
+            warn!(%message, "driver update pending");
+            reporter
+                .report(Report {
+                    ready: true,
+                    driver_version: loaded.clone(),
+                    reason: "DriverUpdatePending".to_owned(),
+                    message,
+                })
+                .await;
+        }
+        Err(error) => {
+            let reason = error.to_string();
+            if let Err(e) = ready::remove_marker(layout) {
+                warn!(error = %e, "could not remove the ready marker");
+            }
+            let failure =
+                LastError { reason: reason.clone(), driver_version: driver.clone(), at: ready::now_rfc3339() };
+            if let Err(e) = ready::write_last_error(layout, &failure) {
+                warn!(error = %e, "could not record the failure for wait");
+            }
+            reporter
+                .report(Report {
+                    ready: false,
+                    driver_version: driver,
+                    reason: "DriverInstallFailed".to_owned(),
+                    message: reason,
+                })
+                .await;
+        }
+    }
+    result
+}
+
+async fn install_locked(layout: &Layout, request: &InstallRequest, kernel: &dyn Kernel) -> Result<ReadyMarker> {
+    let _lock = HostLock::acquire(layout).await?;
+    let wanted = &request.stage.driver_version;
+    let kernel_release = &request.stage.kernel_release;
+    // A marker from an earlier boot describes modules that are gone.
+    if let Some(marker) = ready::read_marker(layout)
+        && marker.boot_id.is_some()
+        && marker.boot_id != layout.boot_id()
+    {
+        info!(driver = %marker.driver_version, "removing the ready marker of an earlier boot");
+        ready::remove_marker(layout)?;
+    }
+    let staged: Staged = stage::stage_locked(layout, &request.stage).await?;
+    if let Some(loaded) = staged.held_back_by {
+        return Err(Error::OtherVersionLoaded { loaded, wanted: wanted.clone() });
+    }
+    if let Some(loaded) = crate::status::loaded_version(layout)
+        && &loaded != wanted
+    {
+        return Err(Error::OtherVersionLoaded { loaded, wanted: wanted.clone() });
+    }
+    // A marker for another driver or kernel no longer describes this node.
+    if ready::read_marker(layout).is_some_and(|m| &m.driver_version != wanted || &m.kernel_release != kernel_release) {
+        ready::remove_marker(layout)?;
+    }
+    let mut loader = Loader { layout, kernel, kernel_release, loaded_now: Vec::new() };
+    if let Err(error) = loader.load_all(&staged, &request.modules) {
+        loader.roll_back();
+        return Err(error);
+    }
+    make_device_nodes(layout, kernel, &request.modules)?;
+    run_smi(layout, kernel, &staged)?;
+    let marker = ReadyMarker {
+        driver_version: wanted.clone(),
+        kernel_release: kernel_release.clone(),
+        sha256: staged.manifest.archive.as_ref().map(|a| a.sha256.clone()).unwrap_or_default(),
+        ready_at: ready::now_rfc3339(),
+        boot_id: layout.boot_id(),
+        bundle: Layout::bundle_relative(kernel_release, wanted).display().to_string(),
+    };
+    ready::write_marker(layout, &marker)?;
+    info!(driver = %marker.driver_version, kernel = %marker.kernel_release, "driver ready");
+    Ok(marker)
+}
+
+/// Module names as the kernel lists them (`nvidia_uvm`).
+fn kernel_name(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+/// Names in `/proc/modules`.
+pub fn loaded_modules(layout: &Layout) -> BTreeSet<String> {
+    std::fs::read_to_string(layout.host("/proc/modules"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
+struct Loader<'a> {
+    layout: &'a Layout,
+    kernel: &'a dyn Kernel,
+    kernel_release: &'a str,
+    loaded_now: Vec<String>,
+}
+
+impl Loader<'_> {
+    fn load_all(&mut self, staged: &Staged, modules: &[String]) -> Result<()> {
+        let mut wanted: Vec<&str> = ORDER.iter().copied().filter(|m| modules.iter().any(|w| w == m)).collect();
+        for extra in modules.iter().filter(|m| !ORDER.contains(&m.as_str())) {
+            wanted.push(extra);
+        }
+        for name in wanted {
+            self.load_bundled(&staged.bundle, &staged.manifest, name)?;
+        }
+        Ok(())
+    }
+
+    fn load_bundled(&mut self, bundle: &Path, manifest: &Manifest, name: &str) -> Result<()> {
+        if loaded_modules(self.layout).contains(&kernel_name(name)) {
+            info!(module = name, "already loaded");
+            return Ok(());
+        }
+        let entry = manifest.modules.iter().find(|m| m.name == name || kernel_name(&m.name) == kernel_name(name));
+        let path = bundle.join(entry.map_or_else(|| format!("modules/{name}.ko"), |m| m.path.clone()));
+        let fail = |reason: String| Error::Module { module: name.to_owned(), path: path.clone(), reason };
+        if !path.is_file() {
+            return Err(fail("not in the bundle".to_owned()));
+        }
+        let info = kernel::modinfo(&path)?;
+        let built_for = kernel::vermagic_release(&info.vermagic);
+        if built_for != self.kernel_release {
+            return Err(fail(format!("built for kernel {built_for}, but this node runs {}", self.kernel_release)));
+        }
+        for dependency in &info.depends {
+            self.load_dependency(bundle, manifest, dependency)?;
+        }
+        self.load_file(name, &path)
+    }
+
+    /// A dependency: from the bundle when it has it, else the kernel's own modules.
+    fn load_dependency(&mut self, bundle: &Path, manifest: &Manifest, name: &str) -> Result<()> {
+        if loaded_modules(self.layout).contains(&kernel_name(name)) {
+            return Ok(());
+        }
+        if manifest.modules.iter().any(|m| kernel_name(&m.name) == kernel_name(name))
+            || bundle.join(format!("modules/{name}.ko")).is_file()
+        {
+            return self.load_bundled(bundle, manifest, name);
+        }
+        let (path, depends) = in_tree(self.layout, self.kernel_release, name)?;
+        for dependency in depends {
+            self.load_dependency(bundle, manifest, &dependency)?;
+        }
+        self.load_file(name, &path)
+    }
+
+    fn load_file(&mut self, name: &str, path: &Path) -> Result<()> {
+        info!(module = name, path = %path.display(), "loading module");
+        match self.kernel.load(path, "") {
+            Ok(()) => {
+                self.loaded_now.push(kernel_name(name));
+                Ok(())
+            }
+            Err(e) if e.raw_os_error() == Some(nix::libc::EEXIST) => Ok(()),
+            Err(e) => {
+                Err(Error::Module { module: name.to_owned(), path: path.to_owned(), reason: explain_load_error(&e) })
+            }
+        }
+    }
+
+    /// Unload, newest first, what this run loaded.
+    fn roll_back(&mut self) {
+        while let Some(name) = self.loaded_now.pop() {
+            match self.kernel.unload(&name) {
+                Ok(()) => info!(module = %name, "unloaded after the failure"),
+                Err(e) => warn!(module = %name, error = %e, "could not unload after the failure"),
+            }
+        }
+    }
+}
+
+fn explain_load_error(error: &io::Error) -> String {
+    use nix::libc;
+    match error.raw_os_error() {
+        Some(libc::ENODEV) => {
+            "the kernel found no NVIDIA GPU for it (No such device; dmesg says NVRM: No NVIDIA GPU found)".to_owned()
+        }
+        Some(libc::ENOENT) => "unknown symbol: a module it depends on is not loaded (see dmesg)".to_owned(),
+        Some(libc::ENOEXEC) => "invalid module format: built for another kernel or configuration".to_owned(),
+        Some(libc::EPERM) => "not permitted: the installer needs CAP_SYS_MODULE (a privileged container)".to_owned(),
+        Some(libc::EKEYREJECTED) => "the kernel requires signed modules and rejected this one".to_owned(),
+        _ => error.to_string(),
+    }
+}
+
+/// Find an in-tree module and its dependencies through `/lib/modules/<k>/modules.dep`.
+fn in_tree(layout: &Layout, kernel_release: &str, name: &str) -> Result<(PathBuf, Vec<String>)> {
+    let base = layout.host(&format!("/lib/modules/{kernel_release}"));
+    let dep = base.join("modules.dep");
+    let text = std::fs::read_to_string(&dep).map_err(|e| Error::io("reading", &dep, e))?;
+    let wanted = kernel_name(name);
+    let module_name = |path: &str| -> String {
+        let file = path.rsplit('/').next().unwrap_or(path);
+        kernel_name(file.split(".ko").next().unwrap_or(file))
+    };
+    for line in text.lines() {
+        let Some((path, deps)) = line.split_once(':') else { continue };
+        if module_name(path) == wanted {
+            let depends = deps.split_whitespace().map(module_name).collect::<Vec<_>>();
+            // modules.dep lists every transitive dependency, deepest last: load deepest first.
+            return Ok((base.join(path), depends.into_iter().rev().collect()));
+        }
+    }
+    Err(Error::Module {
+        module: name.to_owned(),
+        path: dep,
+        reason: format!("needed by the driver but neither in the bundle nor in the kernel {kernel_release}'s modules"),
+    })
+}
+
+/// Majors by name from `/proc/devices` (character devices).
+pub fn char_majors(layout: &Layout) -> Result<Vec<(u64, String)>> {
+    let path = layout.host("/proc/devices");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io("reading", &path, e))?;
+    let mut majors = Vec::new();
+    for line in text.lines() {
+        if line.starts_with("Block devices") {
+            break;
+        }
+        if let Some((major, name)) = line.trim().split_once(' ')
+            && let Ok(major) = major.parse()
+        {
+            majors.push((major, name.trim().to_owned()));
+        }
+    }
+    Ok(majors)
+}
+
+/// `/dev/nvidia<N>` per GPU, `nvidiactl`, and the nodes of the loaded helper modules.
+fn make_device_nodes(layout: &Layout, kernel: &dyn Kernel, modules: &[String]) -> Result<()> {
+    let majors = char_majors(layout)?;
+    let major = |names: &[&str]| majors.iter().find(|(_, n)| names.contains(&n.as_str())).map(|(m, _)| *m);
+    let devices = layout.host("/proc/devices");
+    let frontend = major(&["nvidia-frontend", "nvidia"]).ok_or_else(|| Error::Device {
+        path: devices.clone(),
+        reason: "no nvidia major number: the nvidia module is not registered".to_owned(),
+    })?;
+    let gpus_dir = layout.host("/proc/driver/nvidia/gpus");
+    let gpus = std::fs::read_dir(&gpus_dir).map(|d| d.count() as u64).unwrap_or(0);
+    if gpus == 0 {
+        return Err(Error::Device { path: gpus_dir, reason: "the driver lists no GPUs".to_owned() });
+    }
+    let mut nodes: Vec<(String, u64, u64)> = (0..gpus).map(|i| (format!("nvidia{i}"), frontend, i)).collect();
+    nodes.push(("nvidiactl".to_owned(), frontend, 255));
+    if modules.iter().any(|m| m == "nvidia-modeset") {
+        nodes.push(("nvidia-modeset".to_owned(), frontend, 254));
+    }
+    if modules.iter().any(|m| m == "nvidia-uvm") {
+        let uvm = major(&["nvidia-uvm"]).ok_or_else(|| Error::Device {
+            path: devices.clone(),
+            reason: "nvidia-uvm is loaded but has no major number".to_owned(),
+        })?;
+        nodes.push(("nvidia-uvm".to_owned(), uvm, 0));
+        nodes.push(("nvidia-uvm-tools".to_owned(), uvm, 1));
+    }
+    let dev = layout.host("/dev");
+    for (name, major, minor) in nodes {
+        let path = dev.join(&name);
+        if let Ok(meta) = std::fs::metadata(&path) {
+            use std::os::unix::fs::{FileTypeExt, MetadataExt};
+            let rdev = meta.rdev();
+            if meta.file_type().is_char_device()
+                && nix::sys::stat::major(rdev) == major
+                && nix::sys::stat::minor(rdev) == minor
+            {
+                continue;
+            }
+            std::fs::remove_file(&path).map_err(|e| Error::io("replacing", &path, e))?;
+        }
+        kernel.mknod(&path, major, minor).map_err(|e| Error::Device { path: path.clone(), reason: e.to_string() })?;
+        info!(device = %path.display(), major, minor, "device node created");
+    }
+    Ok(())
+}
+
+fn run_smi(layout: &Layout, kernel: &dyn Kernel, staged: &Staged) -> Result<()> {
+    let in_host = |path: &Path| -> String {
+        let relative = path.strip_prefix(layout.host_root()).unwrap_or(path);
+        format!("/{}", relative.display())
+    };
+    let smi = staged.bundle.join("bin/nvidia-smi");
+    if !smi.is_file() {
+        return Err(Error::Smi { path: smi, reason: "not in the bundle".to_owned() });
+    }
+    let output = kernel
+        .run(&in_host(&smi), &[], &in_host(&staged.bundle.join("lib")))
+        .map_err(|e| Error::Smi { path: smi.clone(), reason: e.to_string() })?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        let tail: String =
+            text.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        return Err(Error::Smi { path: smi, reason: format!("{}: {tail}", output.status) });
+    }
+    info!(output = %text.lines().take(12).collect::<Vec<_>>().join("\n"), "nvidia-smi succeeded");
+    Ok(())
+}

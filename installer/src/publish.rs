@@ -1,0 +1,181 @@
+//! `publish`: upload a bundle and then its manifest, so readers never see a manifest without its
+//! archive. Needs only s3:PutObject, s3:GetObject and s3:ListBucket.
+
+use std::path::Path;
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
+use base64::Engine as _;
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use tracing::info;
+
+use crate::manifest::Manifest;
+use crate::s3::{self, BundleKeys, Transfer};
+use crate::{Error, Result};
+
+/// Objects above this size are uploaded in parts.
+pub const MULTIPART_THRESHOLD: u64 = 32 << 20;
+const PART_SIZE: u64 = 16 << 20;
+
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub archive_key: String,
+    pub manifest_key: String,
+    pub manifest: Manifest,
+}
+
+/// Publish `bundle` (a `tar.zst` made by `pack`) for Garden Linux `gardenlinux`.
+pub async fn publish(
+    client: &Client,
+    bucket: &str,
+    bundle: &Path,
+    gardenlinux: &str,
+    force: bool,
+    transfer: &Transfer,
+) -> Result<Published> {
+    let inner = crate::pack::read_inner_manifest(bundle)?;
+    let (sha256, size) = digest(bundle)?;
+    let keys = BundleKeys::new(gardenlinux, &inner.kernel_release, &inner.driver_version);
+    for key in [&keys.manifest, &keys.archive] {
+        if s3::head(client, bucket, key, transfer).await?.is_some() {
+            if !force {
+                return Err(Error::s3("PUT", bucket, key, "already exists; pass --force to replace it".to_owned()));
+            }
+        }
+    }
+    if force {
+        // Take the manifest away first: while the archive is replaced, readers find nothing
+        // rather than an old manifest beside a new archive.
+        client
+            .delete_object()
+            .bucket(bucket)
+            .key(&keys.manifest)
+            .send()
+            .await
+            .map_err(|e| Error::s3("DELETE", bucket, &keys.manifest, e.to_string()))?;
+    }
+    let mut manifest = inner.clone();
+    manifest.gardenlinux_version = manifest.gardenlinux_version.or(Some(gardenlinux.to_owned()));
+    manifest.archive = Some(crate::manifest::ArchiveEntry { sha256, size });
+    if manifest.without_archive() != inner {
+        return Err(Error::Manifest {
+            source_name: bundle.display().to_string(),
+            reason: format!("was packed for another Garden Linux version than {gardenlinux}"),
+        });
+    }
+    info!(bucket, key = %keys.archive, bytes = size, "uploading the bundle");
+    if size > MULTIPART_THRESHOLD {
+        upload_multipart(client, bucket, &keys.archive, bundle, size, transfer).await?;
+    } else {
+        let body =
+            ByteStream::from_path(bundle).await.map_err(|e| Error::s3("PUT", bucket, &keys.archive, e.to_string()))?;
+        client
+            .put_object()
+            .bucket(bucket)
+            .key(&keys.archive)
+            .body(body)
+            .checksum_algorithm(ChecksumAlgorithm::Sha256)
+            .send()
+            .await
+            .map_err(|e| Error::s3("PUT", bucket, &keys.archive, e.to_string()))?;
+    }
+    let body = manifest.to_json();
+    client
+        .put_object()
+        .bucket(bucket)
+        .key(&keys.manifest)
+        .content_type("application/json")
+        .body(ByteStream::from(body))
+        .checksum_algorithm(ChecksumAlgorithm::Sha256)
+        .send()
+        .await
+        .map_err(|e| Error::s3("PUT", bucket, &keys.manifest, e.to_string()))?;
+    info!(bucket, key = %keys.manifest, "manifest published");
+    Ok(Published { archive_key: keys.archive, manifest_key: keys.manifest, manifest })
+}
+
+fn digest(path: &Path) -> Result<(String, u64)> {
+    let size = std::fs::metadata(path).map_err(|e| Error::io("reading", path, e))?.len();
+    Ok((crate::archive::sha256_file(path)?, size))
+}
+
+async fn upload_multipart(
+    client: &Client,
+    bucket: &str,
+    key: &str,
+    path: &Path,
+    size: u64,
+    transfer: &Transfer,
+) -> Result<()> {
+    let fail = |e: String| Error::s3("PUT", bucket, key, e);
+    let created = client
+        .create_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .checksum_algorithm(ChecksumAlgorithm::Sha256)
+        .send()
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let upload_id = created.upload_id().ok_or_else(|| fail("no upload id".to_owned()))?.to_owned();
+    let parts = size.div_ceil(PART_SIZE);
+    let uploads = futures::stream::iter(1..=parts)
+        .map(|number| {
+            let upload_id = upload_id.clone();
+            async move {
+                let offset = (number - 1) * PART_SIZE;
+                let length = PART_SIZE.min(size - offset);
+                let bytes = read_part(path, offset, length).map_err(|e| Error::io("reading", path, e))?;
+                let checksum = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&bytes));
+                let out = client
+                    .upload_part()
+                    .bucket(bucket)
+                    .key(key)
+                    .upload_id(&upload_id)
+                    .part_number(i32::try_from(number).unwrap_or(i32::MAX))
+                    .checksum_sha256(&checksum)
+                    .body(ByteStream::from(bytes))
+                    .send()
+                    .await
+                    .map_err(|e| Error::s3("PUT", bucket, key, format!("part {number}: {e}")))?;
+                Ok::<_, Error>(
+                    CompletedPart::builder()
+                        .part_number(i32::try_from(number).unwrap_or(i32::MAX))
+                        .set_e_tag(out.e_tag().map(str::to_owned))
+                        .checksum_sha256(checksum)
+                        .build(),
+                )
+            }
+        })
+        .buffered(transfer.concurrency.clamp(1, 4))
+        .collect::<Vec<_>>()
+        .await;
+    let completed: Result<Vec<CompletedPart>> = uploads.into_iter().collect();
+    let completed = match completed {
+        Ok(parts) => parts,
+        Err(error) => {
+            let _ = client.abort_multipart_upload().bucket(bucket).key(key).upload_id(&upload_id).send().await;
+            return Err(error);
+        }
+    };
+    client
+        .complete_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(&upload_id)
+        .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(completed)).build())
+        .send()
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(())
+}
+
+fn read_part(path: &Path, offset: u64, length: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut bytes = vec![0u8; usize::try_from(length).unwrap_or(0)];
+    file.read_exact(&mut bytes)?;
+    Ok(bytes)
+}

@@ -1,0 +1,406 @@
+//! `stage`: download, verify and extract a bundle into the host cache, then switch `current`.
+//!
+//! One streaming pipeline: parallel ranged GETs (in order, bounded memory) → sha256 of the
+//! archive → zstd or gzip → tar extraction into a staging directory on the cache's filesystem →
+//! fsync → verification against the manifest → one rename into `cache/<kernel>/<driver>/` → an
+//! atomic switch of `current`. A crash at any moment leaves the previous state or the new complete
+//! bundle; the next run removes staging leftovers.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::archive::{self, Limits, PathMap};
+use crate::layout::Layout;
+use crate::lock::HostLock;
+use crate::manifest::{self, ArchiveEntry, Manifest, Module};
+use crate::ready;
+use crate::s3::{self, BundleKeys, S3Options, Transfer};
+use crate::{Error, Result};
+
+/// What to stage.
+#[derive(Debug, Clone)]
+pub struct StageRequest {
+    pub gardenlinux_version: String,
+    pub kernel_release: String,
+    pub driver_version: String,
+    pub s3: S3Options,
+    pub transfer: Transfer,
+    pub limits: Limits,
+}
+
+/// What staging did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Staged {
+    pub bundle: PathBuf,
+    pub manifest: Manifest,
+    /// `None` for a cache hit, else the key it came from.
+    pub downloaded_from: Option<String>,
+    /// `current` now points at this bundle. When false, `held_back_by` names the ready driver.
+    pub current: bool,
+    pub held_back_by: Option<String>,
+}
+
+/// Stage the bundle, holding the host lock throughout.
+pub async fn stage(layout: &Layout, request: &StageRequest) -> Result<Staged> {
+    let _lock = HostLock::acquire(layout).await?;
+    stage_locked(layout, request).await
+}
+
+/// Stage while the caller holds the host lock.
+pub async fn stage_locked(layout: &Layout, request: &StageRequest) -> Result<Staged> {
+    let started = Instant::now();
+    clean_leftovers(layout)?;
+    let bundle = layout.bundle(&request.kernel_release, &request.driver_version);
+    let (manifest, downloaded_from) = match cached(&bundle) {
+        Some(manifest) => {
+            info!(bundle = %bundle.display(), "cache hit: bundle already staged and verified");
+            (manifest, None)
+        }
+        None => {
+            if bundle.exists() {
+                warn!(bundle = %bundle.display(), "cached bundle is incomplete or damaged; staging it again");
+                std::fs::remove_dir_all(&bundle).map_err(|e| Error::io("removing", &bundle, e))?;
+            }
+            let (manifest, key) = download_and_publish(layout, request, &bundle).await?;
+            (manifest, Some(key))
+        }
+    };
+    let (current, held_back_by) = switch_current(layout, request)?;
+    info!(
+        bundle = %bundle.display(),
+        current,
+        held_back_by = held_back_by.as_deref().unwrap_or(""),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "staged"
+    );
+    Ok(Staged { bundle, manifest, downloaded_from, current, held_back_by })
+}
+
+/// Remove what a killed run left: staging directories and half-made links.
+fn clean_leftovers(layout: &Layout) -> Result<()> {
+    let staging = layout.staging();
+    if staging.exists() {
+        for entry in std::fs::read_dir(&staging).map_err(|e| Error::io("reading", &staging, e))? {
+            let path = entry.map_err(|e| Error::io("reading", &staging, e))?.path();
+            info!(path = %path.display(), "removing staging leftover");
+            std::fs::remove_dir_all(&path).map_err(|e| Error::io("removing", &path, e))?;
+        }
+    }
+    for entry in std::fs::read_dir(layout.root()).map_err(|e| Error::io("reading", layout.root(), e))?.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(".current.tmp") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// A staged bundle is complete when its manifest reads and every file has its recorded size.
+/// (Contents were verified before the bundle was published by rename.)
+pub fn cached(bundle: &Path) -> Option<Manifest> {
+    let manifest = Manifest::read(&bundle.join(manifest::FILE_NAME)).ok()?;
+    for (path, entry) in &manifest.files {
+        let meta = std::fs::symlink_metadata(bundle.join(path)).ok()?;
+        if !meta.is_file() || meta.len() != entry.size {
+            return None;
+        }
+    }
+    Some(manifest)
+}
+
+/// Where the bundle is in the bucket, and what it should be.
+struct Located {
+    key: String,
+    size: u64,
+    etag: Option<String>,
+    expected: Option<Manifest>,
+    map: PathMap,
+}
+
+async fn locate(client: &aws_sdk_s3::Client, request: &StageRequest) -> Result<Located> {
+    let bucket = &request.s3.bucket;
+    let keys = BundleKeys::new(&request.gardenlinux_version, &request.kernel_release, &request.driver_version);
+    let transfer = &request.transfer;
+    if let Some(bytes) = s3::get_small(client, bucket, &keys.manifest, 16 << 20, transfer).await? {
+        let source = format!("s3://{bucket}/{}", keys.manifest);
+        let expected = Manifest::parse(&bytes, &source)?;
+        if expected.driver_version != request.driver_version || expected.kernel_release != request.kernel_release {
+            return Err(Error::Manifest {
+                source_name: source,
+                reason: format!(
+                    "describes driver {} for kernel {}, not driver {} for kernel {}",
+                    expected.driver_version, expected.kernel_release, request.driver_version, request.kernel_release
+                ),
+            });
+        }
+        let Some(archive) = &expected.archive else {
+            return Err(Error::Manifest { source_name: source, reason: "has no archive digest".to_owned() });
+        };
+        let (size, etag) = s3::head(client, bucket, &keys.archive, transfer).await?.ok_or_else(|| {
+            Error::s3("HEAD", bucket, &keys.archive, "the manifest exists but the archive does not".into())
+        })?;
+        if size != archive.size {
+            return Err(Error::s3(
+                "HEAD",
+                bucket,
+                &keys.archive,
+                format!("{size} bytes, the manifest says {}", archive.size),
+            ));
+        }
+        return Ok(Located { key: keys.archive, size, etag, expected: Some(expected), map: PathMap::Bundle });
+    }
+    if let Some((size, etag)) = s3::head(client, bucket, &keys.legacy, transfer).await? {
+        warn!(bucket, key = %keys.legacy, "using the original system's bundle layout: it has no manifest, so only its integrity in transit is checked");
+        return Ok(Located {
+            key: keys.legacy,
+            size,
+            etag,
+            expected: None,
+            map: PathMap::Legacy { kernel: request.kernel_release.clone() },
+        });
+    }
+    Err(Error::NotFound { bucket: bucket.clone(), tried: vec![keys.manifest, keys.archive, keys.legacy] })
+}
+
+async fn download_and_publish(layout: &Layout, request: &StageRequest, bundle: &Path) -> Result<(Manifest, String)> {
+    let client = s3::client(&request.s3).await?;
+    let located = locate(&client, request).await?;
+    let bucket = request.s3.bucket.clone();
+    let source = format!("s3://{bucket}/{}", located.key);
+    info!(source = %source, bytes = located.size, "downloading bundle");
+
+    let staging =
+        layout.staging().join(format!("{}-{}-{:08x}", request.driver_version, std::process::id(), fastrand::u32(..)));
+    std::fs::create_dir_all(&staging).map_err(|e| Error::io("creating", &staging, e))?;
+    let result = pipeline(&client, request, &located, &staging, &source)
+        .await
+        .and_then(|(extracted, sha256)| verify_and_complete(request, &located, &staging, extracted, sha256, &source));
+    let manifest = match result {
+        Ok(manifest) => manifest,
+        Err(error) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(error);
+        }
+    };
+    archive::sync_dirs(&staging)?;
+    let parent = bundle.parent().ok_or_else(|| Error::Config(format!("{} has no parent", bundle.display())))?;
+    std::fs::create_dir_all(parent).map_err(|e| Error::io("creating", parent, e))?;
+    std::fs::rename(&staging, bundle).map_err(|e| Error::io("publishing into", bundle, e))?;
+    archive::sync_dir(parent)?;
+    archive::sync_dir(&layout.staging())?;
+    Ok((manifest, located.key))
+}
+
+/// Reads the downloaded parts in order and hashes them on the way.
+struct PartReader {
+    parts: mpsc::Receiver<Bytes>,
+    current: Bytes,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl Read for PartReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.parts.blocking_recv() {
+                Some(bytes) => {
+                    self.hasher.update(&bytes);
+                    self.current = bytes;
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.current.len());
+        out[..n].copy_from_slice(&self.current[..n]);
+        self.current = self.current.slice(n..);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+async fn pipeline(
+    client: &aws_sdk_s3::Client,
+    request: &StageRequest,
+    located: &Located,
+    staging: &Path,
+    source: &str,
+) -> Result<(archive::Extracted, String)> {
+    let (sender, receiver) = mpsc::channel::<Bytes>(2);
+    let map = located.map.clone();
+    let limits = request.limits;
+    let dest = staging.to_owned();
+    let source_name = source.to_owned();
+    let gzip = located.key.ends_with(".gz");
+    let extraction = tokio::task::spawn_blocking(move || -> Result<(archive::Extracted, String, u64)> {
+        let mut reader = PartReader { parts: receiver, current: Bytes::new(), hasher: Sha256::new(), bytes: 0 };
+        let broken = |e: std::io::Error| Error::Archive { source_name: source_name.clone(), reason: e.to_string() };
+        let extracted = if gzip {
+            let mut decoder = flate2::read::GzDecoder::new(&mut reader);
+            let extracted = archive::extract(&mut decoder, &dest, &map, limits, &source_name)?;
+            std::io::copy(&mut decoder, &mut std::io::sink()).map_err(broken)?;
+            extracted
+        } else {
+            let mut decoder = zstd::stream::read::Decoder::new(&mut reader).map_err(broken)?;
+            let extracted = archive::extract(&mut decoder, &dest, &map, limits, &source_name)?;
+            std::io::copy(&mut decoder, &mut std::io::sink()).map_err(broken)?;
+            extracted
+        };
+        // Whatever follows the compressed stream still counts towards the digest.
+        std::io::copy(&mut reader, &mut std::io::sink()).map_err(broken)?;
+        let digest = hex::encode(reader.hasher.finalize());
+        Ok((extracted, digest, reader.bytes))
+    });
+    let downloaded = s3::download(
+        client,
+        &request.s3.bucket,
+        &located.key,
+        located.size,
+        located.etag.as_deref(),
+        &request.transfer,
+        sender,
+    )
+    .await;
+    let extracted =
+        extraction.await.map_err(|e| Error::Archive { source_name: source.to_owned(), reason: e.to_string() })?;
+    // A download failure explains a broken stream better than the decoder's complaint.
+    let downloaded = downloaded?;
+    let (extracted, digest, read) = extracted?;
+    if downloaded != located.size || read != located.size {
+        return Err(Error::Archive {
+            source_name: source.to_owned(),
+            reason: format!("read {read} of {} bytes", located.size),
+        });
+    }
+    Ok((extracted, digest))
+}
+
+/// Check the extraction against the manifest (or build one for a legacy archive), and write the
+/// bundle's `manifest.json` and `lib64` link.
+fn verify_and_complete(
+    request: &StageRequest,
+    located: &Located,
+    staging: &Path,
+    extracted: archive::Extracted,
+    sha256: String,
+    source: &str,
+) -> Result<Manifest> {
+    let manifest = match &located.expected {
+        Some(expected) => {
+            let archive = expected.archive.as_ref().ok_or_else(|| Error::Manifest {
+                source_name: source.to_owned(),
+                reason: "has no archive digest".to_owned(),
+            })?;
+            if archive.sha256 != sha256 {
+                return Err(Error::Checksum {
+                    what: source.to_owned(),
+                    expected: archive.sha256.clone(),
+                    actual: sha256,
+                });
+            }
+            let inner = staging.join(manifest::FILE_NAME);
+            let inside = Manifest::read(&inner)?;
+            if inside != expected.without_archive() {
+                return Err(Error::Manifest {
+                    source_name: source.to_owned(),
+                    reason: "the manifest inside the archive differs from the one beside it in the bucket".to_owned(),
+                });
+            }
+            let mut files = extracted.files.clone();
+            files.remove(manifest::FILE_NAME);
+            for (path, entry) in &expected.files {
+                let got = files.remove(path).ok_or_else(|| Error::Manifest {
+                    source_name: source.to_owned(),
+                    reason: format!("{path} is listed but not in the archive"),
+                })?;
+                if got.sha256 != entry.sha256 || got.size != entry.size {
+                    return Err(Error::Checksum {
+                        what: format!("{source}: {path}"),
+                        expected: entry.sha256.clone(),
+                        actual: got.sha256,
+                    });
+                }
+            }
+            if let Some(extra) = files.keys().next() {
+                return Err(Error::Manifest {
+                    source_name: source.to_owned(),
+                    reason: format!("{extra} is in the archive but not in the manifest"),
+                });
+            }
+            if extracted.links != expected.links {
+                return Err(Error::Manifest {
+                    source_name: source.to_owned(),
+                    reason: "the archive's links differ from the manifest's".to_owned(),
+                });
+            }
+            expected.clone()
+        }
+        None => legacy_manifest(request, staging, extracted, sha256, located.size, source)?,
+    };
+    let lib64 = staging.join("lib64");
+    if !lib64.exists() && staging.join("lib").is_dir() {
+        std::os::unix::fs::symlink("lib", &lib64).map_err(|e| Error::io("linking", &lib64, e))?;
+    }
+    ready::write_atomic(&staging.join(manifest::FILE_NAME), &manifest.to_json())?;
+    Ok(manifest)
+}
+
+fn legacy_manifest(
+    request: &StageRequest,
+    staging: &Path,
+    extracted: archive::Extracted,
+    sha256: String,
+    size: u64,
+    source: &str,
+) -> Result<Manifest> {
+    let mut modules = Vec::new();
+    for (path, _) in extracted.files.iter().filter(|(p, _)| p.starts_with("modules/")) {
+        let info = crate::kernel::modinfo(&staging.join(path))?;
+        let name = Path::new(path).file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_owned();
+        modules.push(Module { name, path: path.clone(), vermagic: info.vermagic, depends: info.depends });
+    }
+    if modules.is_empty() {
+        let seen: Vec<&String> = extracted.module_kernels.iter().collect();
+        return Err(Error::Archive {
+            source_name: source.to_owned(),
+            reason: format!("has no modules for kernel {} (it has lib/modules/ for {seen:?})", request.kernel_release),
+        });
+    }
+    Ok(Manifest {
+        schema_version: manifest::SCHEMA_VERSION,
+        driver_version: request.driver_version.clone(),
+        kernel_release: request.kernel_release.clone(),
+        flavor: "legacy".to_owned(),
+        gardenlinux_version: Some(request.gardenlinux_version.clone()),
+        modules,
+        files: extracted.files,
+        links: extracted.links.into_iter().collect::<BTreeMap<_, _>>(),
+        archive: Some(ArchiveEntry { sha256, size }),
+    })
+}
+
+/// Point `current` at the requested bundle, unless another driver version is marked ready on
+/// this boot: loaded modules can't be swapped under running pods.
+fn switch_current(layout: &Layout, request: &StageRequest) -> Result<(bool, Option<String>)> {
+    if let ready::Readiness::Ready(marker) = ready::check(layout, None)
+        && (marker.driver_version != request.driver_version || marker.kernel_release != request.kernel_release)
+    {
+        return Ok((false, Some(marker.driver_version)));
+    }
+    let target = Layout::bundle_relative(&request.kernel_release, &request.driver_version);
+    let current = layout.current();
+    if std::fs::read_link(&current).ok().as_deref() == Some(target.as_path()) {
+        return Ok((true, None));
+    }
+    let tmp = layout.root().join(format!(".current.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&target, &tmp).map_err(|e| Error::io("linking", &tmp, e))?;
+    std::fs::rename(&tmp, &current).map_err(|e| Error::io("switching", &current, e))?;
+    archive::sync_dir(layout.root())?;
+    Ok((true, None))
+}
