@@ -2,6 +2,8 @@
 //! patched into the webhook configuration's `caBundle`) and an ECDSA P-256 leaf for the Service's
 //! DNS names. This module makes and judges certificates; storing them is the caller's business.
 
+pub mod store;
+
 use std::time::Duration;
 
 use rcgen::{

@@ -35,6 +35,29 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print manifests (file or stdin, YAML or JSON) mutated exactly as the server would.
     Inject(InjectArgs),
+    /// Keep the serving certificate Secret valid and the webhook's caBundle in step (without cert-manager).
+    Certs(CertsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CertsArgs {
+    /// Namespace of the Service and the Secret.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: String,
+    /// Secret holding the CA and the serving certificate.
+    #[arg(long, env = "NVIDIA_WEBHOOK_TLS_SECRET")]
+    pub secret: String,
+    /// Service the API server calls (its DNS names go into the certificate).
+    #[arg(long, env = "NVIDIA_WEBHOOK_SERVICE")]
+    pub service: String,
+    /// MutatingWebhookConfiguration whose caBundle is kept in step.
+    #[arg(long, env = "NVIDIA_WEBHOOK_CONFIG")]
+    pub webhook_config: String,
+    /// Keep running and check again at --interval.
+    #[arg(long, env = "NVIDIA_WEBHOOK_CERTS_WATCH")]
+    pub watch: bool,
+    #[arg(long, env = "NVIDIA_WEBHOOK_CERTS_INTERVAL", value_parser = humantime::parse_duration, default_value = "1h")]
+    pub interval: Duration,
 }
 
 #[derive(Debug, Args)]

@@ -2,6 +2,8 @@ use std::io::Read;
 
 use anyhow::Context;
 use clap::Parser;
+use nvidia_certs::Lifetimes;
+use nvidia_certs::store::{self, Target};
 use nvidia_webhook::admission::AppState;
 use nvidia_webhook::cli::{Cli, Command};
 use nvidia_webhook::server::{ServeOptions, serve, shutdown_signal};
@@ -33,6 +35,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(serve(options, state, shutdown_signal()))?;
+        }
+        Command::Certs(args) => {
+            let target = Target {
+                namespace: args.namespace,
+                secret: args.secret,
+                service: args.service,
+                webhook_config: args.webhook_config,
+                lifetimes: Lifetimes::default(),
+            };
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(async {
+                let client = kube::Client::try_default().await.context("connecting to the API server")?;
+                if args.watch {
+                    store::watch(&client, &target, args.interval).await;
+                } else {
+                    store::ensure(&client, &target).await?;
+                }
+                anyhow::Ok(())
+            })?;
         }
         Command::Inject(args) => {
             let config = args.inject.config()?;

@@ -581,11 +581,13 @@ pub(crate) mod tests {
 
     #[test]
     fn volume_name_conflicts_are_reported_not_overwritten() {
-        let (m, pod) = run(PodBuilder::new().container(gpu("a")).volume(json!({"name": "nvidia-driver", "emptyDir": {}})));
+        let (m, pod) =
+            run(PodBuilder::new().container(gpu("a")).volume(json!({"name": "nvidia-driver", "emptyDir": {}})));
         assert_eq!(m.outcome, Outcome::Injected { mounted: vec![] });
         assert_eq!(m.warnings.len(), 1);
         assert_eq!(pod["spec"]["volumes"][0], json!({"name": "nvidia-driver", "emptyDir": {}}));
-        let (m, _) = run(PodBuilder::new().container(gpu("a")).volume(json!({"name": "nvidia-installer-root", "emptyDir": {}})));
+        let (m, _) =
+            run(PodBuilder::new().container(gpu("a")).volume(json!({"name": "nvidia-installer-root", "emptyDir": {}})));
         assert_eq!(m.outcome, Outcome::Skipped(SkipReason::VolumeConflict));
         assert!(m.patch.0.is_empty());
     }

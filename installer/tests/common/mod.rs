@@ -1,0 +1,237 @@
+//! Shared by the installer's integration tests: driver bundles built on disk, published to the
+//! loopback S3 server, and a kernel seam that records what is asked of it.
+
+#![allow(dead_code)]
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Mutex;
+
+use integration_tests::s3::S3Server;
+use nvidia_installer::archive::Limits;
+use nvidia_installer::kernel::Kernel;
+use nvidia_installer::layout::Layout;
+use nvidia_installer::manifest::Manifest;
+use nvidia_installer::pack::{self, BundleInfo};
+use nvidia_installer::s3::{S3Options, Transfer};
+use nvidia_installer::stage::StageRequest;
+
+pub const KERNEL: &str = "6.1.0-47-amd64";
+pub const DRIVER: &str = "535.261.03";
+pub const GARDENLINUX: &str = "1877.3";
+pub const BUCKET: &str = "drivers";
+
+/// A fake kernel module: just the modinfo strings the installer reads.
+pub fn module_bytes(name: &str, kernel: &str, depends: &str) -> Vec<u8> {
+    let mut bytes = b"\x7fELF fake module\0".to_vec();
+    bytes.extend_from_slice(format!("license=Dual MIT/GPL\0depends={depends}\0name={name}\0vermagic={kernel} SMP preempt mod_unload modversions \0").as_bytes());
+    bytes
+}
+
+/// A driver directory with bin/, lib/ (with soname links) and modules/, plus `filler` bytes of
+/// incompressible data in a library, like real driver files.
+pub fn driver_dir(root: &Path, kernel: &str, driver: &str, filler: usize) -> PathBuf {
+    let dir = root.join(format!("driver-{driver}"));
+    std::fs::create_dir_all(dir.join("bin")).expect("bin");
+    std::fs::create_dir_all(dir.join("lib")).expect("lib");
+    std::fs::create_dir_all(dir.join("modules")).expect("modules");
+    let smi = dir.join("bin/nvidia-smi");
+    std::fs::write(&smi, format!("#!/bin/sh\necho \"NVIDIA-SMI {driver}  Driver Version: {driver}\"\n")).expect("smi");
+    std::fs::set_permissions(&smi, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    for lib in ["libnvidia-ml", "libcuda"] {
+        let mut data = vec![0u8; if lib == "libcuda" { filler } else { 4096 }];
+        fastrand_fill(&mut data, driver.len() as u64 + lib.len() as u64);
+        std::fs::write(dir.join(format!("lib/{lib}.so.{driver}")), data).expect("lib");
+        std::os::unix::fs::symlink(format!("{lib}.so.{driver}"), dir.join(format!("lib/{lib}.so.1"))).expect("soname");
+    }
+    for (name, depends) in
+        [("nvidia", ""), ("nvidia-uvm", "nvidia"), ("nvidia-modeset", "nvidia"), ("nvidia-drm", "nvidia-modeset")]
+    {
+        std::fs::write(dir.join(format!("modules/{name}.ko")), module_bytes(&name.replace('-', "_"), kernel, depends))
+            .expect("module");
+    }
+    dir
+}
+
+fn fastrand_fill(data: &mut [u8], seed: u64) {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for chunk in data.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let bytes = state.to_le_bytes();
+        chunk.copy_from_slice(&bytes[..chunk.len()]);
+    }
+}
+
+/// Pack a driver directory into `out` and return the bucket's manifest.
+pub fn pack_bundle(dir: &Path, kernel: &str, driver: &str, out: &Path) -> Manifest {
+    let info = BundleInfo {
+        driver_version: driver.to_owned(),
+        kernel_release: kernel.to_owned(),
+        flavor: "open".to_owned(),
+        gardenlinux_version: Some(GARDENLINUX.to_owned()),
+    };
+    let manifest = pack::describe(dir, &info).expect("describe");
+    pack::pack(dir, &manifest, out, 3).expect("pack")
+}
+
+pub fn options(server: &S3Server) -> S3Options {
+    S3Options {
+        bucket: BUCKET.to_owned(),
+        endpoint: Some(server.endpoint().to_owned()),
+        region: Some(server.region().to_owned()),
+        ca_file: Some(server.ca_file().to_owned()),
+        access_key_id: Some(server.access_key().to_owned()),
+        secret_access_key: Some(server.secret_key().to_owned()),
+    }
+}
+
+pub fn request(server: &S3Server, kernel: &str, driver: &str) -> StageRequest {
+    StageRequest {
+        gardenlinux_version: GARDENLINUX.to_owned(),
+        kernel_release: kernel.to_owned(),
+        driver_version: driver.to_owned(),
+        s3: options(server),
+        transfer: Transfer {
+            part_size: 256 * 1024,
+            concurrency: 4,
+            max_attempts: 6,
+            backoff: std::time::Duration::from_millis(10),
+        },
+        limits: Limits::default(),
+    }
+}
+
+/// Build, pack and publish a bundle; returns its bucket manifest.
+pub async fn publish_bundle(server: &S3Server, work: &Path, kernel: &str, driver: &str, filler: usize) -> Manifest {
+    let dir = driver_dir(work, kernel, driver, filler);
+    let out = work.join(format!("nvidia-{driver}.tar.zst"));
+    pack_bundle(&dir, kernel, driver, &out);
+    let client = nvidia_installer::s3::client(&options(server)).await.expect("client");
+    let published = nvidia_installer::publish::publish(&client, BUCKET, &out, GARDENLINUX, false, &Transfer::default())
+        .await
+        .expect("publish");
+    published.manifest
+}
+
+/// A host root in a temp dir, with the files the installer reads from /proc.
+pub fn host(dir: &Path) -> Layout {
+    let layout = Layout::new(dir, "/opt/nvidia-installer");
+    std::fs::create_dir_all(dir.join("proc/sys/kernel/random")).expect("proc");
+    std::fs::write(dir.join("proc/sys/kernel/random/boot_id"), "5d1e6c2a-0d5e-4bd6-9a57-1f2b3c4d5e6f\n")
+        .expect("boot id");
+    std::fs::write(dir.join("proc/sys/kernel/osrelease"), format!("{KERNEL}\n")).expect("osrelease");
+    std::fs::write(dir.join("proc/modules"), "").expect("modules");
+    std::fs::write(dir.join("proc/devices"), "Character devices:\n  1 mem\n  4 tty\n\nBlock devices:\n  8 sd\n")
+        .expect("devices");
+    std::fs::create_dir_all(dir.join("dev")).expect("dev");
+    layout
+}
+
+/// One request to the kernel seam.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    Load(String),
+    Unload(String),
+    Mknod(String, u64, u64),
+    Run(String),
+}
+
+/// Records every request and simulates its effect under the host root, as the kernel would show
+/// it in /proc and /sys. `fail` makes the load of that module fail with that errno.
+#[derive(Debug)]
+pub struct SimKernel {
+    pub root: PathBuf,
+    pub calls: Mutex<Vec<Call>>,
+    pub fail: Option<(String, i32)>,
+    pub gpus: usize,
+}
+
+impl SimKernel {
+    pub fn new(root: &Path) -> Self {
+        Self { root: root.to_owned(), calls: Mutex::new(Vec::new()), fail: None, gpus: 2 }
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.calls.lock().expect("calls").clone()
+    }
+
+    fn append(&self, path: &str, line: &str) {
+        let path = self.root.join(path);
+        let mut text = std::fs::read_to_string(&path).unwrap_or_default();
+        if path.ends_with("devices") {
+            text = text.replacen("\nBlock devices:", &format!("{line}\n\nBlock devices:"), 1).replace("\n\n\n", "\n\n");
+        } else {
+            text.push_str(line);
+            text.push('\n');
+        }
+        std::fs::write(path, text).expect("write sim file");
+    }
+}
+
+impl Kernel for SimKernel {
+    fn load(&self, module: &Path, _params: &str) -> io::Result<()> {
+        let name = module
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .split(".ko")
+            .next()
+            .unwrap_or_default()
+            .replace('-', "_");
+        self.calls.lock().expect("calls").push(Call::Load(name.clone()));
+        if let Some((failing, errno)) = &self.fail
+            && *failing == name
+        {
+            return Err(io::Error::from_raw_os_error(*errno));
+        }
+        self.append("proc/modules", &format!("{name} 1000 0 - Live 0x0000000000000000"));
+        if name == "nvidia" {
+            let version = module
+                .parent()
+                .and_then(Path::parent)
+                .and_then(|b| b.file_name())
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_owned();
+            std::fs::create_dir_all(self.root.join("sys/module/nvidia")).expect("sys");
+            std::fs::write(self.root.join("sys/module/nvidia/version"), format!("{version}\n")).expect("version");
+            self.append("proc/devices", "195 nvidia-frontend");
+            for gpu in 0..self.gpus {
+                std::fs::create_dir_all(
+                    self.root.join(format!("proc/driver/nvidia/gpus/0000:00:{:02x}.0", 0x1e + gpu)),
+                )
+                .expect("gpus");
+            }
+        }
+        if name == "nvidia_uvm" {
+            self.append("proc/devices", "511 nvidia-uvm");
+        }
+        Ok(())
+    }
+
+    fn unload(&self, name: &str) -> io::Result<()> {
+        self.calls.lock().expect("calls").push(Call::Unload(name.to_owned()));
+        let path = self.root.join("proc/modules");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let kept: String =
+            text.lines().filter(|l| !l.starts_with(&format!("{name} "))).map(|l| format!("{l}\n")).collect();
+        std::fs::write(path, kept)
+    }
+
+    fn mknod(&self, path: &Path, major: u64, minor: u64) -> io::Result<()> {
+        let relative = path.strip_prefix(&self.root).unwrap_or(path).display().to_string();
+        self.calls.lock().expect("calls").push(Call::Mknod(relative, major, minor));
+        std::fs::write(path, format!("c {major}:{minor}\n"))
+    }
+
+    fn run(&self, program: &str, args: &[&str], library_dir: &str) -> io::Result<Output> {
+        self.calls.lock().expect("calls").push(Call::Run(program.to_owned()));
+        std::process::Command::new(self.root.join(program.trim_start_matches('/')))
+            .args(args)
+            .env("LD_LIBRARY_PATH", self.root.join(library_dir.trim_start_matches('/')))
+            .output()
+    }
+}

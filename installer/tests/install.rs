@@ -1,0 +1,186 @@
+//! `install` through the kernel seam: exactly what is asked of the kernel, in which order, and
+//! what the node is left with on success and on every kind of failure.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use integration_tests::s3::S3Server;
+use nvidia_installer::Error;
+use nvidia_installer::install::{InstallRequest, install};
+use nvidia_installer::node::Reporter;
+use nvidia_installer::ready::{self, Readiness};
+
+fn modules(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| (*s).to_owned()).collect()
+}
+
+async fn setup() -> (S3Server, tempfile::TempDir) {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let work = tempfile::tempdir().expect("work");
+    publish_bundle(&server, work.path(), KERNEL, DRIVER, 64 * 1024).await;
+    (server, work)
+}
+
+#[tokio::test]
+async fn loads_in_order_makes_device_nodes_runs_smi_and_marks_ready() {
+    let (server, _work) = setup().await;
+    let host_dir = tempfile::tempdir().expect("host");
+    let layout = host(host_dir.path());
+    let kernel = SimKernel::new(host_dir.path());
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let request = InstallRequest {
+        stage: request(&server, KERNEL, DRIVER),
+        modules: modules(&["nvidia-modeset", "nvidia-uvm", "nvidia"]),
+    };
+    let marker = install(&layout, &request, &kernel, &Reporter::Record(reports.clone())).await.expect("install");
+    assert_eq!(marker.driver_version, DRIVER);
+    assert_eq!(marker.boot_id, layout.boot_id());
+    let bundle = format!("/opt/nvidia-installer/cache/{KERNEL}/{DRIVER}");
+    assert_eq!(
+        kernel.calls(),
+        vec![
+            Call::Load("nvidia".into()),
+            Call::Load("nvidia_uvm".into()),
+            Call::Load("nvidia_modeset".into()),
+            Call::Mknod("dev/nvidia0".into(), 195, 0),
+            Call::Mknod("dev/nvidia1".into(), 195, 1),
+            Call::Mknod("dev/nvidiactl".into(), 195, 255),
+            Call::Mknod("dev/nvidia-modeset".into(), 195, 254),
+            Call::Mknod("dev/nvidia-uvm".into(), 511, 0),
+            Call::Mknod("dev/nvidia-uvm-tools".into(), 511, 1),
+            Call::Run(format!("{bundle}/bin/nvidia-smi")),
+        ]
+    );
+    assert!(matches!(ready::check(&layout, Some(DRIVER)), Readiness::Ready(_)));
+    let reports = reports.lock().expect("reports").clone();
+    assert_eq!(reports.len(), 1);
+    assert!(reports[0].ready && reports[0].reason == "DriverReady");
+    assert_eq!(reports[0].label_patch()["metadata"]["labels"]["nvidia-installer.gardenlinux.io/driver-ready"], "true");
+
+    // Idempotent: the same version already loaded loads nothing again.
+    let again = SimKernel::new(host_dir.path());
+    install(&layout, &request, &again, &Reporter::Log).await.expect("install again");
+    assert!(again.calls().iter().all(|c| !matches!(c, Call::Load(_))), "{:?}", again.calls());
+}
+
+#[tokio::test]
+async fn no_gpu_unloads_what_was_loaded_and_leaves_no_marker() {
+    let (server, _work) = setup().await;
+    let host_dir = tempfile::tempdir().expect("host");
+    let layout = host(host_dir.path());
+    let mut kernel = SimKernel::new(host_dir.path());
+    kernel.fail = Some(("nvidia_uvm".into(), nix::libc::ENODEV));
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let request = InstallRequest {
+        stage: request(&server, KERNEL, DRIVER),
+        modules: modules(&["nvidia", "nvidia-uvm", "nvidia-modeset"]),
+    };
+    let error = install(&layout, &request, &kernel, &Reporter::Record(reports.clone())).await.expect_err("no gpu");
+    let message = error.to_string();
+    assert!(message.contains("nvidia-uvm") && message.contains("No NVIDIA GPU"), "{message}");
+    assert_eq!(
+        kernel.calls(),
+        vec![Call::Load("nvidia".into()), Call::Load("nvidia_uvm".into()), Call::Unload("nvidia".into())]
+    );
+    assert!(ready::read_marker(&layout).is_none());
+    match ready::check(&layout, None) {
+        Readiness::NotReady(reason) => {
+            assert!(reason.contains("installer failed") && reason.contains("No NVIDIA GPU"), "{reason}")
+        }
+        Readiness::Ready(_) => panic!("ready after a failure"),
+    }
+    let reports = reports.lock().expect("reports").clone();
+    assert!(!reports[0].ready && reports[0].reason == "DriverInstallFailed");
+    assert_eq!(reports[0].label_patch()["metadata"]["labels"]["nvidia-installer.gardenlinux.io/driver-ready"], "false");
+    let event = nvidia_installer::node::event("gpu-node-1", &reports[0]);
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert_eq!(event.regarding.as_ref().and_then(|r| r.name.as_deref()), Some("gpu-node-1"));
+}
+
+#[tokio::test]
+async fn another_loaded_version_is_a_clear_error_and_keeps_the_node_serving_it() {
+    let (server, _work) = setup().await;
+    let host_dir = tempfile::tempdir().expect("host");
+    let layout = host(host_dir.path());
+    std::fs::create_dir_all(host_dir.path().join("sys/module/nvidia")).expect("sys");
+    std::fs::write(host_dir.path().join("sys/module/nvidia/version"), "525.147.05\n").expect("version");
+    let kernel = SimKernel::new(host_dir.path());
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let request = InstallRequest { stage: request(&server, KERNEL, DRIVER), modules: modules(&["nvidia"]) };
+    let error =
+        install(&layout, &request, &kernel, &Reporter::Record(reports.clone())).await.expect_err("other version");
+    assert!(matches!(error, Error::OtherVersionLoaded { .. }), "{error}");
+    let message = error.to_string();
+    assert!(message.contains("525.147.05") && message.contains(DRIVER) && message.contains("drain"), "{message}");
+    assert!(kernel.calls().is_empty(), "nothing asked of the kernel: {:?}", kernel.calls());
+    assert_eq!(reports.lock().expect("reports")[0].reason, "DriverUpdatePending");
+}
+
+#[tokio::test]
+async fn a_module_for_another_kernel_is_refused_before_loading() {
+    let (server, _work) = setup().await;
+    let host_dir = tempfile::tempdir().expect("host");
+    let layout = host(host_dir.path());
+    std::fs::write(host_dir.path().join("proc/sys/kernel/osrelease"), "6.1.0-99-amd64\n").expect("osrelease");
+    let kernel = SimKernel::new(host_dir.path());
+    // The bundle for KERNEL staged under the name of the running kernel would be a packaging
+    // mistake; the vermagic check catches it.
+    let mut stage = request(&server, KERNEL, DRIVER);
+    stage.kernel_release = KERNEL.into();
+    let staged = nvidia_installer::stage::stage(&layout, &stage).await.expect("stage");
+    let from = staged.bundle.clone();
+    let to = layout.bundle("6.1.0-99-amd64", DRIVER);
+    std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
+    std::fs::rename(&from, &to).expect("move");
+    let mut manifest = nvidia_installer::manifest::Manifest::read(&to.join("manifest.json")).expect("manifest");
+    manifest.kernel_release = "6.1.0-99-amd64".into();
+    std::fs::write(to.join("manifest.json"), manifest.to_json()).expect("write");
+    let mut request =
+        InstallRequest { stage: request(&server, "6.1.0-99-amd64", DRIVER), modules: modules(&["nvidia"]) };
+    request.stage.kernel_release = "6.1.0-99-amd64".into();
+    let error = install(&layout, &request, &kernel, &Reporter::Log).await.expect_err("vermagic");
+    assert!(error.to_string().contains(&format!("built for kernel {KERNEL}")), "{error}");
+    assert!(kernel.calls().is_empty());
+}
+
+#[tokio::test]
+async fn in_tree_dependencies_are_loaded_first_from_the_kernel() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let work = tempfile::tempdir().expect("work");
+    let dir = driver_dir(work.path(), KERNEL, DRIVER, 4096);
+    // nvidia.ko on Debian's 6.1 kernel depends on the in-tree drm module.
+    std::fs::write(dir.join("modules/nvidia.ko"), module_bytes("nvidia", KERNEL, "drm")).expect("module");
+    let out = work.path().join("b.tar.zst");
+    pack_bundle(&dir, KERNEL, DRIVER, &out);
+    let client = nvidia_installer::s3::client(&options(&server)).await.expect("client");
+    nvidia_installer::publish::publish(&client, BUCKET, &out, GARDENLINUX, false, &Default::default())
+        .await
+        .expect("publish");
+    let host_dir = tempfile::tempdir().expect("host");
+    let layout = host(host_dir.path());
+    let drm = host_dir.path().join(format!("lib/modules/{KERNEL}/kernel/drivers/gpu/drm"));
+    std::fs::create_dir_all(&drm).expect("drm dir");
+    std::fs::write(drm.join("drm.ko"), module_bytes("drm", KERNEL, "drm_panel_orientation_quirks")).expect("drm");
+    std::fs::write(
+        drm.join("drm_panel_orientation_quirks.ko"),
+        module_bytes("drm_panel_orientation_quirks", KERNEL, ""),
+    )
+    .expect("quirks");
+    std::fs::write(
+        host_dir.path().join(format!("lib/modules/{KERNEL}/modules.dep")),
+        "kernel/drivers/gpu/drm/drm.ko: kernel/drivers/gpu/drm/drm_panel_orientation_quirks.ko\nkernel/drivers/gpu/drm/drm_panel_orientation_quirks.ko:\n",
+    )
+    .expect("modules.dep");
+    let kernel = SimKernel::new(host_dir.path());
+    let request = InstallRequest { stage: request(&server, KERNEL, DRIVER), modules: modules(&["nvidia"]) };
+    install(&layout, &request, &kernel, &Reporter::Log).await.expect("install");
+    let loads: Vec<Call> = kernel.calls().into_iter().filter(|c| matches!(c, Call::Load(_))).collect();
+    assert_eq!(
+        loads,
+        vec![Call::Load("drm_panel_orientation_quirks".into()), Call::Load("drm".into()), Call::Load("nvidia".into())]
+    );
+}

@@ -1,0 +1,154 @@
+//! The binary as the DaemonSet and the webhook's init container run it: several installers at
+//! once, `kill -9` in the middle of extraction, and `wait` timing out or seeing the marker.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use integration_tests::s3::{Method, S3Server};
+
+fn installer(server: &S3Server, host_root: &std::path::Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_nvidia-installer"));
+    command
+        .envs(server.env())
+        .env("NVIDIA_INSTALLER_HOST_ROOT", host_root)
+        .env("NVIDIA_INSTALLER_BUCKET", BUCKET)
+        .env("NVIDIA_DRIVER_VERSION", DRIVER)
+        .env("GARDENLINUX_VERSION", GARDENLINUX)
+        .env("KERNEL_RELEASE", KERNEL)
+        .env("NVIDIA_INSTALLER_PART_SIZE", "262144")
+        .env("RUST_LOG", "info");
+    command
+}
+
+#[tokio::test]
+async fn concurrent_installers_download_once() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let work = tempfile::tempdir().expect("work");
+    let manifest = publish_bundle(&server, work.path(), KERNEL, DRIVER, 4 << 20).await;
+    server.log().clear();
+    let host_dir = tempfile::tempdir().expect("host");
+    let layout = host(host_dir.path());
+    let children: Vec<_> = (0..3)
+        .map(|_| {
+            installer(&server, host_dir.path())
+                .arg("stage")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn")
+        })
+        .collect();
+    for child in children {
+        let output = child.wait_with_output().expect("wait");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    }
+    let size = manifest.archive.expect("archive").size;
+    let bytes: u64 = server
+        .log()
+        .matching(&Method::GET, ".tar.zst")
+        .iter()
+        .filter(|e| !e.path.ends_with(".json"))
+        .map(|e| e.bytes_sent)
+        .sum();
+    assert_eq!(bytes, size, "the archive was downloaded exactly once");
+    assert!(layout.current().join("bin/nvidia-smi").is_file());
+}
+
+#[tokio::test]
+async fn kill_9_during_extraction_leaves_the_old_state_and_the_next_run_recovers() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let work = tempfile::tempdir().expect("work");
+    publish_bundle(&server, work.path(), KERNEL, DRIVER, 8 << 20).await;
+    let host_dir = tempfile::tempdir().expect("host");
+    let layout = host(host_dir.path());
+    // Slow the transfer so the process is surely in the middle of it.
+    server.set_bandwidth_limit(Some(1 << 20));
+    let mut child = installer(&server, host_dir.path())
+        .arg("stage")
+        .env("NVIDIA_INSTALLER_CONCURRENCY", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let started = Instant::now();
+    let mut extracting = false;
+    while started.elapsed() < Duration::from_secs(30) {
+        let staged_files = walk_count(&layout.staging());
+        if staged_files >= 3 {
+            extracting = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(extracting, "the installer never started extracting");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL)
+        .expect("kill");
+    let status = child.wait().expect("wait");
+    assert!(!status.success());
+    assert!(!layout.bundle(KERNEL, DRIVER).exists(), "no half bundle in the cache");
+    assert!(std::fs::symlink_metadata(layout.current()).is_err(), "current untouched");
+    assert!(walk_count(&layout.staging()) > 0, "the killed run left its staging dir");
+
+    server.set_bandwidth_limit(None);
+    let output = installer(&server, host_dir.path()).arg("stage").output().expect("rerun");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("removing staging leftover"));
+    assert_eq!(std::fs::read_dir(layout.staging()).expect("staging").count(), 0);
+    assert!(layout.current().join("lib/libcuda.so.1").is_file());
+}
+
+fn walk_count(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries.flatten().map(|e| if e.path().is_dir() { 1 + walk_count(&e.path()) } else { 1 }).sum()
+}
+
+#[tokio::test]
+async fn wait_times_out_with_a_reason_and_returns_when_the_marker_appears() {
+    let host_dir = tempfile::tempdir().expect("host");
+    let layout = host(host_dir.path());
+    let wait = |args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_nvidia-installer"));
+        command.arg("wait").arg("--host-root").arg(host_dir.path()).args(args);
+        command
+    };
+    let output = wait(&["--timeout", "300ms"]).output().expect("wait");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("gave up after") && stderr.contains("no nvidia-installer has run on this node"),
+        "{stderr}"
+    );
+
+    let child = wait(&["--timeout", "30s"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let marker = nvidia_installer::ready::ReadyMarker {
+        driver_version: DRIVER.into(),
+        kernel_release: KERNEL.into(),
+        sha256: "ab".repeat(32),
+        ready_at: nvidia_installer::ready::now_rfc3339(),
+        boot_id: layout.boot_id(),
+        bundle: format!("cache/{KERNEL}/{DRIVER}"),
+    };
+    nvidia_installer::ready::write_marker(&layout, &marker).expect("marker");
+    let output = child.wait_with_output().expect("wait");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).contains(DRIVER));
+
+    // A pinned version that is not the one ready is refused, with both versions named.
+    let output = wait(&["--timeout", "200ms", "--driver-version", "550.163.01"]).output().expect("wait pinned");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("550.163.01") && stderr.contains(DRIVER), "{stderr}");
+
+    // After a reboot the marker is stale.
+    std::fs::write(host_dir.path().join("proc/sys/kernel/random/boot_id"), "00000000-1111-2222-3333-444444444444\n")
+        .expect("boot");
+    let output = wait(&["--timeout", "200ms"]).output().expect("wait after reboot");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("restarted"));
+}

@@ -1,0 +1,297 @@
+//! Webhook benchmark: `nvidia-webhook serve` against a baseline server that does only the
+//! irreducible work (TLS, HTTP, reading the body, parsing it as generic JSON, answering `allowed`
+//! with its uid), side by side in one run, over keep-alive HTTPS on loopback.
+//!
+//! Run: `cargo bench -p nvidia-webhook --bench admission` (add `-- --quick` for a short run).
+//! The same executable serves the baseline when started with `--baseline-server`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::{Value, json};
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--baseline-server") {
+        let addr: SocketAddr = args[at + 1].parse().expect("address");
+        baseline_server(addr, Path::new(&args[at + 2]), Path::new(&args[at + 3]));
+        return;
+    }
+    if args.iter().any(|a| a == "--bench") || args.len() <= 1 || args.iter().any(|a| a == "--quick") {
+        let quick = args.iter().any(|a| a == "--quick");
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+        runtime.block_on(run(quick));
+    }
+}
+
+/// The baseline: rustls + HTTP + body + generic JSON + `allowed` with the uid.
+fn baseline_server(addr: SocketAddr, cert: &Path, key: &Path) {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async move {
+        let files = nvidia_webhook::tls::TlsFiles { cert: cert.to_owned(), key: key.to_owned() };
+        let config = axum_server::tls_rustls::RustlsConfig::from_config(files.load().expect("certificate").config);
+        let app = axum::Router::new().route(
+            "/mutate",
+            axum::routing::post(|body: axum::body::Bytes| async move {
+                let review: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                axum::Json(json!({
+                    "apiVersion": review["apiVersion"],
+                    "kind": review["kind"],
+                    "response": {"uid": review["request"]["uid"], "allowed": true}
+                }))
+            }),
+        );
+        axum_server::bind_rustls(addr, config).serve(app.into_make_service()).await.expect("baseline server");
+    });
+}
+
+struct Server {
+    name: &'static str,
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// Peak resident memory of the server process.
+    fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr")
+}
+
+fn start_servers(dir: &Path) -> (Server, Server) {
+    let cert = dir.join("tls.crt");
+    let key = dir.join("tls.key");
+    let webhook_addr = free_addr();
+    let webhook = Command::new(env!("CARGO_BIN_EXE_nvidia-webhook"))
+        .args([
+            "serve",
+            "--listen",
+            &webhook_addr.to_string(),
+            "--installer-image",
+            "ghcr.io/gardenlinux/nvidia-installer:0.1.0",
+        ])
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start nvidia-webhook");
+    let baseline_addr = free_addr();
+    let baseline = Command::new(std::env::current_exe().expect("exe"))
+        .arg("--baseline-server")
+        .arg(baseline_addr.to_string())
+        .arg(&cert)
+        .arg(&key)
+        .spawn()
+        .expect("start baseline");
+    (
+        Server { name: "nvidia-webhook", child: webhook, addr: webhook_addr },
+        Server { name: "baseline", child: baseline, addr: baseline_addr },
+    )
+}
+
+async fn connect(addr: SocketAddr, ca_pem: &str) -> Sender {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+        roots.add(CertificateDer::from(cert.expect("pem").to_vec())).expect("root");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    for _ in 0..200 {
+        if let Ok(tcp) = tokio::net::TcpStream::connect(addr).await {
+            let tls = connector.connect(ServerName::try_from("localhost").expect("name"), tcp).await.expect("tls");
+            let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.expect("http");
+            tokio::spawn(connection);
+            return sender;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("server at {addr} never came up");
+}
+
+async fn post(sender: &mut Sender, body: &Bytes) -> Duration {
+    let started = Instant::now();
+    let request = hyper::Request::post("/mutate")
+        .header("host", "localhost")
+        .header("content-type", "application/json")
+        .body(Full::new(body.clone()))
+        .expect("request");
+    let response = sender.send_request(request).await.expect("response");
+    assert_eq!(response.status(), 200);
+    let bytes = response.into_body().collect().await.expect("body").to_bytes();
+    assert!(bytes.starts_with(b"{"), "JSON answer");
+    started.elapsed()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Closed loop: `connections` clients send back to back for `duration`.
+async fn throughput(
+    addr: SocketAddr,
+    ca: &str,
+    body: &Bytes,
+    connections: usize,
+    duration: Duration,
+) -> (f64, Duration, Duration) {
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let mut sender = connect(addr, ca).await;
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..50 {
+                post(&mut sender, &body).await;
+            }
+            let started = Instant::now();
+            let mut latencies = Vec::new();
+            while started.elapsed() < duration {
+                latencies.push(post(&mut sender, &body).await);
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.expect("client"));
+    }
+    all.sort();
+    (all.len() as f64 / duration.as_secs_f64(), percentile(&all, 0.5), percentile(&all, 0.99))
+}
+
+/// Open loop at a fixed rate over several connections; latency measured from the scheduled time.
+async fn fixed_rate(addr: SocketAddr, ca: &str, body: &Bytes, rate: u32, duration: Duration) -> (Duration, Duration) {
+    let connections = 8usize;
+    let per = rate as f64 / connections as f64;
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let mut sender = connect(addr, ca).await;
+        post(&mut sender, body).await;
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            let interval = Duration::from_secs_f64(1.0 / per);
+            let start = Instant::now();
+            let mut latencies = Vec::new();
+            let mut n = 0u32;
+            while start.elapsed() < duration {
+                let due = start + interval * n;
+                tokio::time::sleep_until(due.into()).await;
+                post(&mut sender, &body).await;
+                latencies.push(due.elapsed());
+                n += 1;
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.expect("client"));
+    }
+    all.sort();
+    (percentile(&all, 0.5), percentile(&all, 0.99))
+}
+
+fn fixture() -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/gpu-pod-typical.review.json");
+    serde_json::from_slice(&std::fs::read(path).expect("fixture")).expect("json")
+}
+
+/// A review of a GPU pod of about 1 MiB: thousands of environment variables.
+fn huge_review() -> Bytes {
+    let mut review = fixture();
+    let env: Vec<Value> = (0..14_000)
+        .map(|i| json!({"name": format!("SETTING_{i:05}"), "value": format!("value-{i:05}-{}", "x".repeat(40))}))
+        .collect();
+    review["request"]["object"]["spec"]["containers"][0]["env"] = Value::Array(env);
+    Bytes::from(serde_json::to_vec(&review).expect("json"))
+}
+
+async fn run(quick: bool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bundle = nvidia_certs::generate(&["localhost".to_owned()], nvidia_certs::Lifetimes::default()).expect("cert");
+    std::fs::write(dir.path().join("tls.crt"), &bundle.cert).expect("cert");
+    std::fs::write(dir.path().join("tls.key"), &bundle.key).expect("key");
+    let (webhook, baseline) = start_servers(dir.path());
+    let body = Bytes::from(serde_json::to_vec(&fixture()).expect("json"));
+    let huge = huge_review();
+    let duration = if quick { Duration::from_secs(2) } else { Duration::from_secs(8) };
+    let connections = 16;
+
+    println!(
+        "# webhook benchmark: {} byte review, {connections} keep-alive HTTPS connections, {}s per run",
+        body.len(),
+        duration.as_secs()
+    );
+    let mut rows = Vec::new();
+    for server in [&baseline, &webhook, &baseline, &webhook] {
+        let (rps, p50, p99) = throughput(server.addr, &bundle.ca_cert, &body, connections, duration).await;
+        println!("{:15} closed loop: {rps:8.0} req/s  p50 {:6.3} ms  p99 {:6.3} ms", server.name, ms(p50), ms(p99));
+        rows.push((server.name, rps));
+    }
+    let best = |name: &str| rows.iter().filter(|r| r.0 == name).map(|r| r.1).fold(0.0, f64::max);
+    let ratio = best("nvidia-webhook") / best("baseline");
+    println!("throughput ratio nvidia-webhook / baseline: {ratio:.3}");
+    for server in [&baseline, &webhook] {
+        let (p50, p99) = fixed_rate(server.addr, &bundle.ca_cert, &body, 1000, duration).await;
+        println!("{:15} at 1000 req/s: p50 {:6.3} ms  p99 {:6.3} ms", server.name, ms(p50), ms(p99));
+    }
+    for server in [&baseline, &webhook] {
+        let mut sender = connect(server.addr, &bundle.ca_cert).await;
+        let mut times = Vec::new();
+        for _ in 0..if quick { 5 } else { 25 } {
+            times.push(post(&mut sender, &huge).await);
+        }
+        times.sort();
+        println!(
+            "{:15} {} byte pod: median {:6.3} ms  max {:6.3} ms",
+            server.name,
+            huge.len(),
+            ms(percentile(&times, 0.5)),
+            ms(*times.last().unwrap_or(&Duration::ZERO))
+        );
+    }
+    for server in [&baseline, &webhook] {
+        println!("{:15} peak RSS {:.1} MiB", server.name, server.peak_rss_kib() as f64 / 1024.0);
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
