@@ -104,7 +104,7 @@ pub fn ca_bundle_patch(
         .filter(|(_, w)| w.client_config.ca_bundle.as_ref() != Some(&want))
         .map(|(i, _)| json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"), "value": want}))
         .collect();
-    (!ops.is_empty()).then(|| serde_json::Value::Array(ops))
+    (!ops.is_empty()).then_some(serde_json::Value::Array(ops))
 }
 
 /// Make sure the Secret holds a valid bundle for the Service and the webhook trusts its CA.

@@ -121,7 +121,7 @@ impl PathMap {
                 if rest.get(1) == Some(&"modules") {
                     let Some(release) = rest.get(2) else { return Ok(None) };
                     extracted.module_kernels.insert((*release).to_owned());
-                    if release != kernel || !path.extension().is_some_and(|e| e == "ko") {
+                    if release != kernel || path.extension().is_none_or(|e| e != "ko") {
                         return Ok(None);
                     }
                     let name = path.file_name().map(PathBuf::from).unwrap_or_default();

@@ -17,7 +17,7 @@ pub async fn gc(layout: &Layout, keep: usize) -> Result<Vec<PathBuf>> {
         .filter(|b| std::fs::canonicalize(&b.path).ok() != current)
         .map(|b| (std::fs::metadata(&b.path).and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), b.path))
         .collect();
-    others.sort_by(|a, b| b.0.cmp(&a.0));
+    others.sort_by_key(|b| std::cmp::Reverse(b.0));
     let mut removed = Vec::new();
     for (_, path) in others.into_iter().skip(keep) {
         info!(bundle = %path.display(), "removing cached bundle");

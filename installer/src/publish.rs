@@ -39,10 +39,8 @@ pub async fn publish(
     let (sha256, size) = digest(bundle)?;
     let keys = BundleKeys::new(gardenlinux, &inner.kernel_release, &inner.driver_version);
     for key in [&keys.manifest, &keys.archive] {
-        if s3::head(client, bucket, key, transfer).await?.is_some() {
-            if !force {
-                return Err(Error::s3("PUT", bucket, key, "already exists; pass --force to replace it".to_owned()));
-            }
+        if !force && s3::head(client, bucket, key, transfer).await?.is_some() {
+            return Err(Error::s3("PUT", bucket, key, "already exists; pass --force to replace it".to_owned()));
         }
     }
     if force {

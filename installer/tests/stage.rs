@@ -280,10 +280,10 @@ async fn transient_faults_are_retried_and_cut_bodies_resume_their_range() {
     publish_bundle(&server, work.path(), KERNEL, DRIVER, 2 << 20).await;
     server.log().clear();
     let faults = server.faults();
-    faults.inject_times(Method::GET, ".tar.zst", Fault::SlowDown, 2);
-    faults.inject(Method::GET, ".tar.zst", Fault::InternalError);
-    faults.inject(Method::GET, ".tar.zst", Fault::Reset);
-    faults.inject(Method::GET, ".tar.zst", Fault::CutBody { after: 100_000 });
+    faults.inject_suffix_times(Method::GET, ".tar.zst", Fault::SlowDown, 2);
+    faults.inject_suffix_times(Method::GET, ".tar.zst", Fault::InternalError, 1);
+    faults.inject_suffix_times(Method::GET, ".tar.zst", Fault::Reset, 1);
+    faults.inject_suffix_times(Method::GET, ".tar.zst", Fault::CutBody { after: 100_000 }, 1);
     let host_dir = tempfile::tempdir().expect("host");
     let layout = host(host_dir.path());
     let staged = stage(&layout, &request(&server, KERNEL, DRIVER)).await.expect("stage through faults");
@@ -307,7 +307,7 @@ async fn permanent_faults_fail_at_once_with_a_clear_message() {
     let work = tempfile::tempdir().expect("work");
     publish_bundle(&server, work.path(), KERNEL, DRIVER, 1 << 20).await;
     server.log().clear();
-    server.faults().inject_times(Method::GET, ".tar.zst", Fault::AccessDenied, 100);
+    server.faults().inject_suffix_times(Method::GET, ".tar.zst", Fault::AccessDenied, 100);
     let host_dir = tempfile::tempdir().expect("host");
     let layout = host(host_dir.path());
     let mut request = request(&server, KERNEL, DRIVER);

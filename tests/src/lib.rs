@@ -1,1 +1,3 @@
+//! Support for the workspace's integration tests and benchmarks: real servers on loopback.
 
+pub mod s3;

@@ -1,0 +1,56 @@
+//! `publish` against the loopback S3 server: manifest last, no overwrite without --force, and a
+//! failed upload never leaves a manifest behind.
+
+mod common;
+
+use common::*;
+use integration_tests::s3::{Fault, Method, S3Server};
+use nvidia_installer::publish::publish;
+use nvidia_installer::s3::{BundleKeys, Transfer};
+
+#[tokio::test]
+async fn publishes_manifest_last_and_refuses_to_overwrite() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let work = tempfile::tempdir().expect("work");
+    let dir = driver_dir(work.path(), KERNEL, DRIVER, 40 << 20);
+    let out = work.path().join("bundle.tar.zst");
+    pack_bundle(&dir, KERNEL, DRIVER, &out);
+    let client = nvidia_installer::s3::client(&options(&server)).await.expect("client");
+    let published = publish(&client, BUCKET, &out, GARDENLINUX, false, &Transfer::default()).await.expect("publish");
+    let keys = BundleKeys::new(GARDENLINUX, KERNEL, DRIVER);
+    assert_eq!(published.archive_key, keys.archive);
+    assert_eq!(server.get_object(BUCKET, &keys.archive).expect("archive"), std::fs::read(&out).expect("read"));
+    // Large archives go up in parts; the manifest is the last object written.
+    let puts: Vec<_> = server.log().entries().into_iter().filter(|e| e.method == Method::PUT || e.method == Method::POST).collect();
+    assert!(puts.iter().any(|e| e.query.as_deref().is_some_and(|q| q.contains("partNumber"))), "multipart upload: {puts:?}");
+    assert!(puts.last().expect("puts").path.ends_with(".manifest.json"), "manifest last: {puts:?}");
+
+    let error = publish(&client, BUCKET, &out, GARDENLINUX, false, &Transfer::default()).await.expect_err("overwrite");
+    assert!(error.to_string().contains("already exists") && error.to_string().contains("--force"), "{error}");
+    publish(&client, BUCKET, &out, GARDENLINUX, true, &Transfer::default()).await.expect("forced");
+}
+
+#[tokio::test]
+async fn a_failed_upload_leaves_no_manifest() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let work = tempfile::tempdir().expect("work");
+    let dir = driver_dir(work.path(), KERNEL, DRIVER, 64 * 1024);
+    let out = work.path().join("bundle.tar.zst");
+    pack_bundle(&dir, KERNEL, DRIVER, &out);
+    let client = nvidia_installer::s3::client(&options(&server)).await.expect("client");
+    let keys = BundleKeys::new(GARDENLINUX, KERNEL, DRIVER);
+
+    server.faults().inject_suffix_times(Method::PUT, ".tar.zst", Fault::InternalError, 10);
+    let error = publish(&client, BUCKET, &out, GARDENLINUX, false, &Transfer::default()).await.expect_err("upload fails");
+    assert!(error.to_string().contains(&keys.archive), "{error}");
+    assert!(server.get_object(BUCKET, &keys.manifest).is_none(), "no manifest without its archive");
+    server.faults().clear();
+
+    // Replacing: the old manifest goes first, so a failure leaves none rather than a stale one.
+    publish(&client, BUCKET, &out, GARDENLINUX, false, &Transfer::default()).await.expect("publish");
+    server.faults().inject_suffix_times(Method::PUT, ".tar.zst", Fault::InternalError, 10);
+    publish(&client, BUCKET, &out, GARDENLINUX, true, &Transfer::default()).await.expect_err("forced upload fails");
+    assert!(server.get_object(BUCKET, &keys.manifest).is_none());
+}
