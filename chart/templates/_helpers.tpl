@@ -282,3 +282,15 @@ imagePullSecrets:
 {{- define "nvidia-installer.webhookConfigName" -}}
 {{- include "nvidia-installer.componentName" (list . "webhook") }}
 {{- end }}
+
+{{/* The driver source the compile step builds from: compiler.driverSource, or NVIDIA's .run for the driver version. */}}
+{{- define "nvidia-installer.driverSource" -}}
+{{- $source := .Values.compiler.driverSource }}
+{{- if not $source }}
+{{- if not .Values.nvidiaInstaller.driverVersion }}
+{{- fail "compiling needs nvidiaInstaller.driverVersion (or compiler.driverSource)" }}
+{{- end }}
+{{- $source = printf "https://us.download.nvidia.com/tesla/%s/NVIDIA-Linux-x86_64-%s.run" .Values.nvidiaInstaller.driverVersion .Values.nvidiaInstaller.driverVersion }}
+{{- end }}
+{{- $source }}
+{{- end }}

@@ -23,6 +23,14 @@ The install step of the installer DaemonSet: an init container, or a main contai
     - --modules={{ join "," .Values.nvidiaInstaller.modules }}
     {{- if .Values.allowCompilation }}
     - --allow-compilation
+    - --driver-source={{ include "nvidia-installer.driverSource" . }}
+    {{- with .Values.compiler.driverSha256 }}
+    - --driver-sha256={{ . }}
+    {{- end }}
+    {{- with .Values.compiler.kernelHeaders }}
+    - --kernel-headers={{ . }}
+    {{- end }}
+    - --flavor={{ .Values.compiler.flavor }}
     {{- end }}
   env:
     {{- include "nvidia-installer.env" . | trim | nindent 4 }}
