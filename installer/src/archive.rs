@@ -293,18 +293,23 @@ fn write_file(
             format!("{written} of {size} bytes"),
         )));
     }
-    file.sync_all().map_err(io)?;
+    // Synced with the whole tree before publishing (sync_tree): the kernel writes back meanwhile.
     Ok((hex::encode(hasher.finalize()), written))
 }
 
-/// fsync every directory under `root` (and `root`), so renames and new entries are durable.
-pub fn sync_dirs(root: &Path) -> Result<()> {
+/// fsync every file and directory under `root` (and `root`), so the tree is durable before it is
+/// published by a rename.
+pub fn sync_tree(root: &Path) -> Result<()> {
     let mut stack = vec![root.to_owned()];
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).map_err(|e| Error::io("reading", &dir, e))? {
             let entry = entry.map_err(|e| Error::io("reading", &dir, e))?;
-            if entry.file_type().map_err(|e| Error::io("reading", &entry.path(), e))?.is_dir() {
+            let kind = entry.file_type().map_err(|e| Error::io("reading", &entry.path(), e))?;
+            if kind.is_dir() {
                 stack.push(entry.path());
+            } else if kind.is_file() {
+                let path = entry.path();
+                File::open(&path).and_then(|f| f.sync_all()).map_err(|e| Error::io("syncing", &path, e))?;
             }
         }
         sync_dir(&dir)?;

@@ -46,6 +46,112 @@ pub enum Command {
     Pack(PackArgs),
     /// Upload a bundle to S3; its manifest supplies driver version and kernel release.
     Publish(PublishArgs),
+    /// Build the modules for a kernel from a driver source and headers, and pack the bundle.
+    Compile(CompileArgs),
+    /// In the privileged dev container: serve compile requests from the FIFOs in --cmd-dir.
+    DevServe(DevServeArgs),
+    /// In the modulus container: send a compile request to dev-serve, wait, then publish.
+    Modulus(ModulusArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CompileArgs {
+    /// A .run installer, a directory or tarball of the kernel-module sources, or an http(s) URL of one.
+    #[arg(long, env = "NVIDIA_DRIVER_SOURCE")]
+    pub driver_source: String,
+    /// sha256 the source must have (required for URLs).
+    #[arg(long, env = "NVIDIA_DRIVER_SHA256")]
+    pub driver_sha256: Option<String>,
+    /// Directory with bin/ and lib/ (default: the .run's own files).
+    #[arg(long, env = "NVIDIA_USERSPACE_DIR")]
+    pub userspace: Option<PathBuf>,
+    /// Kernel build tree (Debian's split trees are followed); default /lib/modules/<running kernel>/build
+    /// where the build runs.
+    #[arg(long, env = "KERNEL_HEADERS")]
+    pub kernel_headers: Option<PathBuf>,
+    /// Default: what the headers say.
+    #[arg(long, env = "KERNEL_RELEASE")]
+    pub kernel_release: Option<String>,
+    #[arg(long, env = "NVIDIA_DRIVER_FLAVOR", value_enum, default_value = "auto")]
+    pub flavor: crate::compile::Flavor,
+    /// Directory of *.patch files applied in name order before the build.
+    #[arg(long, env = "NVIDIA_DRIVER_PATCHES")]
+    pub patches: Option<PathBuf>,
+    /// The bundle to write (default: <out-dir>/nvidia-bundle.tar.zst).
+    #[arg(long, env = "NVIDIA_INSTALLER_OUTPUT")]
+    pub output: Option<PathBuf>,
+    #[arg(long, env = "NVIDIA_INSTALLER_OUT_DIR", default_value = "/out")]
+    pub out_dir: PathBuf,
+    /// Default: what the sources say.
+    #[arg(long, env = "NVIDIA_DRIVER_VERSION")]
+    pub driver_version: Option<String>,
+    #[arg(long, env = "GARDENLINUX_VERSION")]
+    pub gardenlinux_version: Option<String>,
+    /// Parallel make jobs (0: one per core).
+    #[arg(long, env = "NVIDIA_INSTALLER_JOBS", default_value_t = 0)]
+    pub jobs: usize,
+}
+
+impl CompileArgs {
+    pub fn request(&self) -> crate::compile::CompileRequest {
+        crate::compile::CompileRequest {
+            driver_source: self.driver_source.clone(),
+            driver_sha256: self.driver_sha256.clone(),
+            userspace: self.userspace.clone(),
+            kernel_headers: self.kernel_headers.clone().filter(|p| !p.as_os_str().is_empty()),
+            kernel_release: self.kernel_release.clone().filter(|k| !k.is_empty()),
+            flavor: self.flavor,
+            patches: self.patches.clone(),
+            output: self.output.clone().unwrap_or_else(|| self.out_dir.join("nvidia-bundle.tar.zst")),
+            driver_version: self.driver_version.clone().filter(|v| !v.is_empty()),
+            gardenlinux_version: self.gardenlinux_version.clone().filter(|v| !v.is_empty()),
+            jobs: self.jobs,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct DevServeArgs {
+    /// The shared directory with the FIFOs.
+    #[arg(long, env = "NVIDIA_INSTALLER_CMD_DIR", default_value = "/cmd")]
+    pub cmd_dir: PathBuf,
+    /// The shared output directory (requests name their output in it).
+    #[arg(long, env = "NVIDIA_INSTALLER_OUT_DIR", default_value = "/out")]
+    pub out_dir: PathBuf,
+    /// Where sources are unpacked and built.
+    #[arg(long, env = "NVIDIA_INSTALLER_WORK_DIR", default_value = "/tmp/nvidia-build")]
+    pub work_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ModulusArgs {
+    #[arg(long, env = "NVIDIA_INSTALLER_CMD_DIR", default_value = "/cmd")]
+    pub cmd_dir: PathBuf,
+    #[command(flatten)]
+    pub compile: CompileArgs,
+    /// How long to wait for the dev container to start serving.
+    #[arg(long, env = "NVIDIA_INSTALLER_DEV_WAIT", value_parser = humantime::parse_duration, default_value = "5m")]
+    pub dev_wait: Duration,
+    /// How long the build may take.
+    #[arg(long, env = "NVIDIA_INSTALLER_COMPILE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "60m")]
+    pub timeout: Duration,
+    /// Publish the bundle to the bucket afterwards.
+    #[arg(long, env = "NVIDIA_INSTALLER_PUBLISH")]
+    pub publish: bool,
+    /// Replace an existing bundle when publishing.
+    #[arg(long, env = "NVIDIA_INSTALLER_FORCE")]
+    pub force: bool,
+    /// Keep running after success (a DaemonSet container would otherwise be restarted and build again).
+    #[arg(long, env = "NVIDIA_INSTALLER_STAY")]
+    pub stay: bool,
+    #[arg(long, env = "NVIDIA_INSTALLER_BUCKET")]
+    pub bucket: Option<String>,
+    #[arg(long, env = "NVIDIA_INSTALLER_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    #[arg(long, env = "AWS_REGION")]
+    pub region: Option<String>,
+    #[arg(long, env = "NVIDIA_INSTALLER_S3_CA_FILE")]
+    pub s3_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -108,9 +214,9 @@ pub struct BundleArgs {
     /// NVIDIA driver version, e.g. 535.261.03.
     #[arg(long, env = "NVIDIA_DRIVER_VERSION")]
     pub driver_version: String,
-    /// Garden Linux version, e.g. 1877.3.
+    /// Garden Linux version, e.g. 1877.3; default: GARDENLINUX_VERSION (or VERSION_ID) in the host's /etc/os-release.
     #[arg(long, env = "GARDENLINUX_VERSION")]
-    pub gardenlinux_version: String,
+    pub gardenlinux_version: Option<String>,
     /// Kernel release; default: the running kernel.
     #[arg(long, env = "KERNEL_RELEASE")]
     pub kernel_release: Option<String>,
@@ -130,7 +236,7 @@ pub struct S3Args {
     #[arg(long, env = "NVIDIA_INSTALLER_S3_CA_FILE")]
     pub s3_ca_file: Option<PathBuf>,
     /// Bytes per ranged GET.
-    #[arg(long, env = "NVIDIA_INSTALLER_PART_SIZE", default_value_t = 8 << 20)]
+    #[arg(long, env = "NVIDIA_INSTALLER_PART_SIZE", default_value_t = 4 << 20)]
     pub part_size: u64,
     /// Ranged GETs in flight.
     #[arg(long, env = "NVIDIA_INSTALLER_CONCURRENCY", default_value_t = 8)]
@@ -179,6 +285,55 @@ pub struct InstallArgs {
     /// This node's name (downward API), for labels and Events.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// When the bucket has no bundle, compile one here (needs the dev image: headers and gcc).
+    #[arg(long, env = "NVIDIA_INSTALLER_ALLOW_COMPILATION")]
+    pub allow_compilation: bool,
+    /// Driver source for --allow-compilation (a .run, a directory or tarball of module sources, or a URL).
+    #[arg(long, env = "NVIDIA_DRIVER_SOURCE")]
+    pub driver_source: Option<String>,
+    #[arg(long, env = "NVIDIA_DRIVER_SHA256")]
+    pub driver_sha256: Option<String>,
+    /// Kernel build tree for --allow-compilation (default /lib/modules/<release>/build).
+    #[arg(long, env = "KERNEL_HEADERS")]
+    pub kernel_headers: Option<PathBuf>,
+    #[arg(long, env = "NVIDIA_USERSPACE_DIR")]
+    pub userspace: Option<PathBuf>,
+    #[arg(long, env = "NVIDIA_DRIVER_PATCHES")]
+    pub patches: Option<PathBuf>,
+    #[arg(long, env = "NVIDIA_DRIVER_FLAVOR", value_enum, default_value = "auto")]
+    pub flavor: crate::compile::Flavor,
+}
+
+impl InstallArgs {
+    /// The compile request --allow-compilation falls back to.
+    pub fn compile_request(
+        &self,
+        stage: &crate::stage::StageRequest,
+    ) -> Result<Option<crate::compile::CompileRequest>> {
+        if !self.allow_compilation {
+            return Ok(None);
+        }
+        let source = self.driver_source.clone().filter(|s| !s.is_empty()).ok_or_else(|| {
+            Error::Config("--allow-compilation needs --driver-source (NVIDIA_DRIVER_SOURCE)".to_owned())
+        })?;
+        let headers = self.kernel_headers.clone().filter(|p| !p.as_os_str().is_empty());
+        let layout = self.stage.host.layout();
+        Ok(Some(crate::compile::CompileRequest {
+            driver_source: source,
+            driver_sha256: self.driver_sha256.clone(),
+            userspace: self.userspace.clone(),
+            kernel_headers: headers,
+            kernel_release: Some(stage.kernel_release.clone()),
+            flavor: self.flavor,
+            patches: self.patches.clone(),
+            output: layout
+                .root()
+                .join(format!("compile/nvidia-{}-{}.tar.zst", stage.driver_version, stage.kernel_release)),
+            driver_version: Some(stage.driver_version.clone()),
+            gardenlinux_version: Some(stage.gardenlinux_version.clone()),
+            jobs: 0,
+        }))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -200,9 +355,12 @@ pub struct StatusArgs {
     /// Judge readiness for this driver version.
     #[arg(long, env = "NVIDIA_DRIVER_VERSION")]
     pub driver_version: Option<String>,
-    /// Keep running and print the state whenever it changes (checked at this interval).
-    #[arg(long, env = "NVIDIA_INSTALLER_STATUS_WATCH", value_parser = humantime::parse_duration)]
-    pub watch: Option<Duration>,
+    /// Keep running and print the state whenever it changes.
+    #[arg(long, env = "NVIDIA_INSTALLER_STATUS_WATCH")]
+    pub watch: bool,
+    /// How often --watch looks.
+    #[arg(long, env = "NVIDIA_INSTALLER_STATUS_INTERVAL", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub interval: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -226,8 +384,14 @@ pub fn kernel_release(layout: &Layout, flag: Option<&str>) -> Result<String> {
 /// The stage request the flags describe.
 pub fn stage_request(args: &StageArgs) -> Result<crate::stage::StageRequest> {
     let layout = args.host.layout();
+    let gardenlinux_version = match args.bundle.gardenlinux_version.clone().filter(|v| !v.is_empty()) {
+        Some(version) => version,
+        None => os_release_version(&layout).ok_or_else(|| {
+            Error::Config("no --gardenlinux-version, and the host's /etc/os-release names none".to_owned())
+        })?,
+    };
     for (flag, value) in
-        [("--driver-version", &args.bundle.driver_version), ("--gardenlinux-version", &args.bundle.gardenlinux_version)]
+        [("--driver-version", &args.bundle.driver_version), ("--gardenlinux-version", &gardenlinux_version)]
     {
         if !valid_component(value) {
             return Err(Error::Config(format!(
@@ -240,13 +404,22 @@ pub fn stage_request(args: &StageArgs) -> Result<crate::stage::StageRequest> {
         return Err(Error::Config(format!("kernel release {kernel_release:?} is not a plain name")));
     }
     Ok(crate::stage::StageRequest {
-        gardenlinux_version: args.bundle.gardenlinux_version.clone(),
+        gardenlinux_version,
         kernel_release,
         driver_version: args.bundle.driver_version.clone(),
         s3: args.s3.options(),
         transfer: args.s3.transfer(),
         limits: Limits::default(),
     })
+}
+
+/// `GARDENLINUX_VERSION` (Garden Linux) or `VERSION_ID` from the host's `/etc/os-release`.
+pub fn os_release_version(layout: &Layout) -> Option<String> {
+    let text = std::fs::read_to_string(layout.host("/etc/os-release")).ok()?;
+    let value = |key: &str| {
+        text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('=')).map(|v| v.trim().trim_matches('"').to_owned())
+    };
+    value("GARDENLINUX_VERSION").or_else(|| value("VERSION_ID")).filter(|v| !v.is_empty())
 }
 
 /// Versions and releases become path components and object keys.

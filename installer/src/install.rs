@@ -26,6 +26,8 @@ const ORDER: [&str; 5] = ["nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-drm"
 pub struct InstallRequest {
     pub stage: StageRequest,
     pub modules: Vec<String>,
+    /// `allowCompilation`: when the bucket has no bundle, build one here with this request.
+    pub compile: Option<crate::compile::CompileRequest>,
 }
 
 /// Install and report the outcome.
@@ -100,7 +102,18 @@ async fn install_locked(layout: &Layout, request: &InstallRequest, kernel: &dyn 
         info!(driver = %marker.driver_version, "removing the ready marker of an earlier boot");
         ready::remove_marker(layout)?;
     }
-    let staged: Staged = stage::stage_locked(layout, &request.stage).await?;
+    let staged: Staged = match (stage::stage_locked(layout, &request.stage).await, &request.compile) {
+        (Err(Error::NotFound { bucket, tried }), Some(compile)) => {
+            info!(bucket = %bucket, tried = ?tried, "no bundle in the bucket; compiling one on this node (allowCompilation)");
+            let work = layout.root().join("compile");
+            let compile = compile.clone();
+            let built = tokio::task::spawn_blocking(move || crate::compile::compile(&compile, &work))
+                .await
+                .map_err(|e| Error::Config(format!("the compile step stopped: {e}")))??;
+            stage::stage_archive_locked(layout, &request.stage, &built.output).await?
+        }
+        (result, _) => result?,
+    };
     if let Some(loaded) = staged.held_back_by {
         return Err(Error::OtherVersionLoaded { loaded, wanted: wanted.clone() });
     }

@@ -3,6 +3,8 @@
 
 pub mod archive;
 pub mod cli;
+pub mod compile;
+pub mod fifo;
 pub mod gc;
 pub mod install;
 pub mod kernel;
@@ -50,6 +52,10 @@ pub enum Error {
     Smi { path: PathBuf, reason: String },
     #[error("{0}")]
     WaitTimeout(String),
+    #[error("building the modules for kernel {kernel} failed: {error} (full log: {log})")]
+    Build { kernel: String, error: String, log: PathBuf },
+    #[error("patch {patch} does not apply: {reason}")]
+    Patch { patch: PathBuf, reason: String },
     #[error("updating node {node}: {reason}")]
     Node { node: String, reason: String },
 }

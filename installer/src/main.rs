@@ -3,18 +3,28 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use nvidia_installer::cli::{Cli, Command, LogFormat, stage_request};
+use nvidia_installer::fifo::{self, Pipes};
 use nvidia_installer::install::{InstallRequest, install};
 use nvidia_installer::kernel::HostKernel;
 use nvidia_installer::manifest::ArchiveEntry;
 use nvidia_installer::node::Reporter;
 use nvidia_installer::pack::{self, BundleInfo};
-use nvidia_installer::{gc, publish, ready, s3, stage, status};
+use nvidia_installer::{compile, gc, publish, ready, s3, stage, status};
 use tracing_subscriber::EnvFilter;
+
+/// A work directory beside the output (same filesystem, kept small by removing it afterwards).
+fn tempfile_dir(output: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    let parent = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let dir = parent.join(format!(".nvidia-build-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let _ = match cli.log_format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -50,7 +60,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Install(args) => {
-            let request = InstallRequest { stage: stage_request(&args.stage)?, modules: args.modules.clone() };
+            let stage = stage_request(&args.stage)?;
+            let compile = args.compile_request(&stage)?;
+            let request = InstallRequest { stage, modules: args.modules.clone(), compile };
             let layout = args.stage.host.layout();
             let reporter = Reporter::for_node(args.node_name.as_deref()).await?;
             let kernel = HostKernel { host_root: args.stage.host.host_root.clone() };
@@ -74,10 +86,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     println!("{text}");
                     last = text;
                 }
-                match args.watch {
-                    Some(interval) => tokio::time::sleep(interval.max(Duration::from_millis(100))).await,
-                    None => break,
+                if !args.watch {
+                    break;
                 }
+                tokio::time::sleep(args.interval.max(Duration::from_millis(100))).await;
             }
         }
         Command::Pack(args) => {
@@ -110,6 +122,55 @@ async fn run(command: Command) -> anyhow::Result<()> {
             )
             .await?;
             println!("published s3://{}/{} and {}", args.s3.bucket, published.archive_key, published.manifest_key);
+        }
+        Command::Compile(args) => {
+            let request = args.request();
+            let work = tempfile_dir(&request.output)?;
+            let compiled = compile::compile(&request, &work)?;
+            println!("built {} (build log {})", compiled.output.display(), compiled.log.display());
+        }
+        Command::DevServe(args) => {
+            let pipes = Pipes::new(&args.cmd_dir);
+            tokio::task::spawn_blocking(move || fifo::serve(&pipes, &args.work_dir)).await.context("dev-serve")??;
+        }
+        Command::Modulus(args) => {
+            let request = args.compile.request();
+            let pipes = Pipes::new(&args.cmd_dir);
+            let (dev_wait, timeout) = (args.dev_wait, args.timeout);
+            let sent = request.clone();
+            let answer = tokio::task::spawn_blocking(move || fifo::request(&pipes, &sent, dev_wait, timeout))
+                .await
+                .context("modulus")??;
+            if answer.code != 0 {
+                anyhow::bail!(
+                    "the dev container's build failed (exit code {}):\n{}",
+                    answer.code,
+                    answer.log.trim_end()
+                );
+            }
+            println!("{}", answer.log.trim_end());
+            if args.publish {
+                let gardenlinux =
+                    request.gardenlinux_version.clone().context("--publish needs --gardenlinux-version")?;
+                let bucket = args.bucket.clone().filter(|b| !b.is_empty()).context("--publish needs --bucket")?;
+                let options = s3::S3Options {
+                    bucket: bucket.clone(),
+                    endpoint: args.s3_endpoint.clone().filter(|s| !s.is_empty()),
+                    region: args.region.clone().filter(|s| !s.is_empty()),
+                    ca_file: args.s3_ca_file.clone(),
+                    access_key_id: None,
+                    secret_access_key: None,
+                };
+                let client = s3::client(&options).await?;
+                let published =
+                    publish::publish(&client, &bucket, &request.output, &gardenlinux, args.force, &Default::default())
+                        .await?;
+                println!("published s3://{bucket}/{} and {}", published.archive_key, published.manifest_key);
+            }
+            if args.stay {
+                tracing::info!("done; staying idle (the compiler node pool can be scaled down)");
+                std::future::pending::<()>().await;
+            }
         }
         Command::Gc(args) => {
             for removed in gc::gc(&args.host.layout(), args.keep).await? {

@@ -49,7 +49,7 @@ pub struct Transfer {
 
 impl Default for Transfer {
     fn default() -> Self {
-        Self { part_size: 8 << 20, concurrency: 8, max_attempts: 6, backoff: Duration::from_millis(200) }
+        Self { part_size: 4 << 20, concurrency: 8, max_attempts: 6, backoff: Duration::from_millis(200) }
     }
 }
 

@@ -175,33 +175,104 @@ async fn download_and_publish(layout: &Layout, request: &StageRequest, bundle: &
     let source = format!("s3://{bucket}/{}", located.key);
     info!(source = %source, bytes = located.size, "downloading bundle");
 
-    let staging =
-        layout.staging().join(format!("{}-{}-{:08x}", request.driver_version, std::process::id(), fastrand::u32(..)));
-    std::fs::create_dir_all(&staging).map_err(|e| Error::io("creating", &staging, e))?;
-    let result = pipeline(&client, request, &located, &staging, &source)
+    let staging = new_staging(layout, request)?;
+    let feed = |sender| {
+        s3::download(
+            &client,
+            &request.s3.bucket,
+            &located.key,
+            located.size,
+            located.etag.as_deref(),
+            &request.transfer,
+            sender,
+        )
+    };
+    let result = pipeline(feed, request.limits, &located, &staging, &source)
         .await
         .and_then(|(extracted, sha256)| verify_and_complete(request, &located, &staging, extracted, sha256, &source));
-    let manifest = match result {
-        Ok(manifest) => manifest,
-        Err(error) => {
-            let _ = std::fs::remove_dir_all(&staging);
-            return Err(error);
-        }
-    };
-    archive::sync_dirs(&staging)?;
-    let parent = bundle.parent().ok_or_else(|| Error::Config(format!("{} has no parent", bundle.display())))?;
-    std::fs::create_dir_all(parent).map_err(|e| Error::io("creating", parent, e))?;
-    std::fs::rename(&staging, bundle).map_err(|e| Error::io("publishing into", bundle, e))?;
-    archive::sync_dir(parent)?;
-    archive::sync_dir(&layout.staging())?;
+    let manifest = publish_staged(layout, &staging, bundle, result)?;
     Ok((manifest, located.key))
 }
 
-/// Reads the downloaded parts in order and hashes them on the way.
+fn new_staging(layout: &Layout, request: &StageRequest) -> Result<PathBuf> {
+    let staging =
+        layout.staging().join(format!("{}-{}-{:08x}", request.driver_version, std::process::id(), fastrand::u32(..)));
+    std::fs::create_dir_all(&staging).map_err(|e| Error::io("creating", &staging, e))?;
+    Ok(staging)
+}
+
+/// Move a verified staging directory into the cache with one rename (or clean it up on failure).
+fn publish_staged(layout: &Layout, staging: &Path, bundle: &Path, verified: Result<Manifest>) -> Result<Manifest> {
+    let manifest = match verified {
+        Ok(manifest) => manifest,
+        Err(error) => {
+            let _ = std::fs::remove_dir_all(staging);
+            return Err(error);
+        }
+    };
+    archive::sync_tree(staging)?;
+    let parent = bundle.parent().ok_or_else(|| Error::Config(format!("{} has no parent", bundle.display())))?;
+    std::fs::create_dir_all(parent).map_err(|e| Error::io("creating", parent, e))?;
+    std::fs::rename(staging, bundle).map_err(|e| Error::io("publishing into", bundle, e))?;
+    archive::sync_dir(parent)?;
+    archive::sync_dir(&layout.staging())?;
+    Ok(manifest)
+}
+
+/// Stage a bundle archive built on this host (`install --allow-compilation`), with the same
+/// extraction, verification and switch as a download. The caller holds the host lock.
+pub async fn stage_archive_locked(layout: &Layout, request: &StageRequest, archive_path: &Path) -> Result<Staged> {
+    clean_leftovers(layout)?;
+    let inner = crate::pack::read_inner_manifest(archive_path)?;
+    if inner.driver_version != request.driver_version || inner.kernel_release != request.kernel_release {
+        return Err(Error::Manifest {
+            source_name: archive_path.display().to_string(),
+            reason: format!("was built for driver {} and kernel {}", inner.driver_version, inner.kernel_release),
+        });
+    }
+    let size = std::fs::metadata(archive_path).map_err(|e| Error::io("reading", archive_path, e))?.len();
+    let expected =
+        Manifest { archive: Some(ArchiveEntry { sha256: archive::sha256_file(archive_path)?, size }), ..inner };
+    let located = Located {
+        key: archive_path.display().to_string(),
+        size,
+        etag: None,
+        expected: Some(expected),
+        map: PathMap::Bundle,
+    };
+    let source = archive_path.display().to_string();
+    let bundle = layout.bundle(&request.kernel_release, &request.driver_version);
+    if bundle.exists() {
+        std::fs::remove_dir_all(&bundle).map_err(|e| Error::io("removing", &bundle, e))?;
+    }
+    let staging = new_staging(layout, request)?;
+    let path = archive_path.to_owned();
+    let feed = |sender: mpsc::Sender<Bytes>| async move {
+        let mut file = tokio::fs::File::open(&path).await.map_err(|e| Error::io("reading", &path, e))?;
+        let mut sent = 0u64;
+        loop {
+            let mut buffer = bytes::BytesMut::with_capacity(1 << 20);
+            let n = tokio::io::AsyncReadExt::read_buf(&mut file, &mut buffer)
+                .await
+                .map_err(|e| Error::io("reading", &path, e))?;
+            if n == 0 || sender.send(buffer.freeze()).await.is_err() {
+                return Ok(sent);
+            }
+            sent += n as u64;
+        }
+    };
+    let result = pipeline(feed, request.limits, &located, &staging, &source)
+        .await
+        .and_then(|(extracted, sha256)| verify_and_complete(request, &located, &staging, extracted, sha256, &source));
+    let manifest = publish_staged(layout, &staging, &bundle, result)?;
+    let (current, held_back_by) = switch_current(layout, request)?;
+    Ok(Staged { bundle, manifest, downloaded_from: None, current, held_back_by })
+}
+
+/// Reads the downloaded parts in order.
 struct PartReader {
     parts: mpsc::Receiver<Bytes>,
     current: Bytes,
-    hasher: Sha256,
     bytes: u64,
 }
 
@@ -209,10 +280,7 @@ impl Read for PartReader {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         while self.current.is_empty() {
             match self.parts.blocking_recv() {
-                Some(bytes) => {
-                    self.hasher.update(&bytes);
-                    self.current = bytes;
-                }
+                Some(bytes) => self.current = bytes,
                 None => return Ok(0),
             }
         }
@@ -224,21 +292,36 @@ impl Read for PartReader {
     }
 }
 
-async fn pipeline(
-    client: &aws_sdk_s3::Client,
-    request: &StageRequest,
+async fn pipeline<F, Fut>(
+    feed: F,
+    limits: Limits,
     located: &Located,
     staging: &Path,
     source: &str,
-) -> Result<(archive::Extracted, String)> {
-    let (sender, receiver) = mpsc::channel::<Bytes>(2);
+) -> Result<(archive::Extracted, String)>
+where
+    F: FnOnce(mpsc::Sender<Bytes>) -> Fut,
+    Fut: std::future::Future<Output = Result<u64>>,
+{
+    // feed -> hashing (its own task, beside the extraction thread) -> extraction
+    let (sender, mut downloaded_parts) = mpsc::channel::<Bytes>(1);
+    let (hashed, receiver) = mpsc::channel::<Bytes>(2);
+    let hashing = tokio::spawn(async move {
+        let mut hasher = Sha256::new();
+        while let Some(bytes) = downloaded_parts.recv().await {
+            hasher.update(&bytes);
+            if hashed.send(bytes).await.is_err() {
+                break;
+            }
+        }
+        hex::encode(hasher.finalize())
+    });
     let map = located.map.clone();
-    let limits = request.limits;
     let dest = staging.to_owned();
     let source_name = source.to_owned();
     let gzip = located.key.ends_with(".gz");
-    let extraction = tokio::task::spawn_blocking(move || -> Result<(archive::Extracted, String, u64)> {
-        let mut reader = PartReader { parts: receiver, current: Bytes::new(), hasher: Sha256::new(), bytes: 0 };
+    let extraction = tokio::task::spawn_blocking(move || -> Result<(archive::Extracted, u64)> {
+        let mut reader = PartReader { parts: receiver, current: Bytes::new(), bytes: 0 };
         let broken = |e: std::io::Error| Error::Archive { source_name: source_name.clone(), reason: e.to_string() };
         let extracted = if gzip {
             let mut decoder = flate2::read::GzDecoder::new(&mut reader);
@@ -253,24 +336,15 @@ async fn pipeline(
         };
         // Whatever follows the compressed stream still counts towards the digest.
         std::io::copy(&mut reader, &mut std::io::sink()).map_err(broken)?;
-        let digest = hex::encode(reader.hasher.finalize());
-        Ok((extracted, digest, reader.bytes))
+        Ok((extracted, reader.bytes))
     });
-    let downloaded = s3::download(
-        client,
-        &request.s3.bucket,
-        &located.key,
-        located.size,
-        located.etag.as_deref(),
-        &request.transfer,
-        sender,
-    )
-    .await;
+    let downloaded = feed(sender).await;
     let extracted =
         extraction.await.map_err(|e| Error::Archive { source_name: source.to_owned(), reason: e.to_string() })?;
     // A download failure explains a broken stream better than the decoder's complaint.
     let downloaded = downloaded?;
-    let (extracted, digest, read) = extracted?;
+    let (extracted, read) = extracted?;
+    let digest = hashing.await.map_err(|e| Error::Archive { source_name: source.to_owned(), reason: e.to_string() })?;
     if downloaded != located.size || read != located.size {
         return Err(Error::Archive {
             source_name: source.to_owned(),

@@ -34,6 +34,7 @@ async fn loads_in_order_makes_device_nodes_runs_smi_and_marks_ready() {
     let request = InstallRequest {
         stage: request(&server, KERNEL, DRIVER),
         modules: modules(&["nvidia-modeset", "nvidia-uvm", "nvidia"]),
+        compile: None,
     };
     let marker = install(&layout, &request, &kernel, &Reporter::Record(reports.clone())).await.expect("install");
     assert_eq!(marker.driver_version, DRIVER);
@@ -77,6 +78,7 @@ async fn no_gpu_unloads_what_was_loaded_and_leaves_no_marker() {
     let request = InstallRequest {
         stage: request(&server, KERNEL, DRIVER),
         modules: modules(&["nvidia", "nvidia-uvm", "nvidia-modeset"]),
+        compile: None,
     };
     let error = install(&layout, &request, &kernel, &Reporter::Record(reports.clone())).await.expect_err("no gpu");
     let message = error.to_string();
@@ -109,7 +111,8 @@ async fn another_loaded_version_is_a_clear_error_and_keeps_the_node_serving_it()
     std::fs::write(host_dir.path().join("sys/module/nvidia/version"), "525.147.05\n").expect("version");
     let kernel = SimKernel::new(host_dir.path());
     let reports = Arc::new(Mutex::new(Vec::new()));
-    let request = InstallRequest { stage: request(&server, KERNEL, DRIVER), modules: modules(&["nvidia"]) };
+    let request =
+        InstallRequest { stage: request(&server, KERNEL, DRIVER), modules: modules(&["nvidia"]), compile: None };
     let error =
         install(&layout, &request, &kernel, &Reporter::Record(reports.clone())).await.expect_err("other version");
     assert!(matches!(error, Error::OtherVersionLoaded { .. }), "{error}");
@@ -138,8 +141,11 @@ async fn a_module_for_another_kernel_is_refused_before_loading() {
     let mut manifest = nvidia_installer::manifest::Manifest::read(&to.join("manifest.json")).expect("manifest");
     manifest.kernel_release = "6.1.0-99-amd64".into();
     std::fs::write(to.join("manifest.json"), manifest.to_json()).expect("write");
-    let mut request =
-        InstallRequest { stage: request(&server, "6.1.0-99-amd64", DRIVER), modules: modules(&["nvidia"]) };
+    let mut request = InstallRequest {
+        stage: request(&server, "6.1.0-99-amd64", DRIVER),
+        modules: modules(&["nvidia"]),
+        compile: None,
+    };
     request.stage.kernel_release = "6.1.0-99-amd64".into();
     let error = install(&layout, &request, &kernel, &Reporter::Log).await.expect_err("vermagic");
     assert!(error.to_string().contains(&format!("built for kernel {KERNEL}")), "{error}");
@@ -176,11 +182,56 @@ async fn in_tree_dependencies_are_loaded_first_from_the_kernel() {
     )
     .expect("modules.dep");
     let kernel = SimKernel::new(host_dir.path());
-    let request = InstallRequest { stage: request(&server, KERNEL, DRIVER), modules: modules(&["nvidia"]) };
+    let request =
+        InstallRequest { stage: request(&server, KERNEL, DRIVER), modules: modules(&["nvidia"]), compile: None };
     install(&layout, &request, &kernel, &Reporter::Log).await.expect("install");
     let loads: Vec<Call> = kernel.calls().into_iter().filter(|c| matches!(c, Call::Load(_))).collect();
     assert_eq!(
         loads,
         vec![Call::Load("drm_panel_orientation_quirks".into()), Call::Load("drm".into()), Call::Load("nvidia".into())]
     );
+}
+
+#[tokio::test]
+async fn allow_compilation_builds_here_when_the_bucket_has_no_bundle() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let dir = tempfile::tempdir().expect("dir");
+    // Module sources whose build is quick, and a configured header tree.
+    let src = dir.path().join("nvidia-open-kernel");
+    std::fs::create_dir_all(&src).expect("src");
+    std::fs::write(src.join("Kbuild"), format!("ccflags-y += -DNV_VERSION_STRING=\\\"{DRIVER}\\\"\n")).expect("kbuild");
+    std::fs::write(src.join("conftest.sh"), "#!/bin/sh\n").expect("conftest");
+    std::fs::write(
+        src.join("Makefile"),
+        format!("modules:\n\tfor m in nvidia nvidia-uvm nvidia-modeset; do printf 'x\\0vermagic={KERNEL} SMP \\0name=%s\\0' $$m > $$m.ko; done\n"),
+    )
+    .expect("makefile");
+    let headers = dir.path().join("headers");
+    std::fs::create_dir_all(headers.join("include/config")).expect("headers");
+    std::fs::write(headers.join(".config"), "").expect("config");
+    std::fs::write(headers.join("include/config/kernel.release"), KERNEL).expect("release");
+    let user = driver_dir(dir.path(), KERNEL, DRIVER, 1024);
+    let host_dir = tempfile::tempdir().expect("host");
+    let layout = host(host_dir.path());
+    let kernel = SimKernel::new(host_dir.path());
+    let stage = request(&server, KERNEL, DRIVER);
+    let compile = nvidia_installer::compile::CompileRequest {
+        driver_source: src.display().to_string(),
+        driver_sha256: None,
+        userspace: Some(user),
+        kernel_headers: Some(headers),
+        kernel_release: Some(KERNEL.into()),
+        flavor: nvidia_installer::compile::Flavor::Auto,
+        patches: None,
+        output: layout.root().join("compile/bundle.tar.zst"),
+        driver_version: Some(DRIVER.into()),
+        gardenlinux_version: Some(GARDENLINUX.into()),
+        jobs: 1,
+    };
+    let request = InstallRequest { stage, modules: modules(&["nvidia"]), compile: Some(compile) };
+    let marker = install(&layout, &request, &kernel, &Reporter::Log).await.expect("install with compilation");
+    assert_eq!(marker.driver_version, DRIVER);
+    assert!(layout.current().join("modules/nvidia.ko").is_file());
+    assert_eq!(kernel.calls()[0], Call::Load("nvidia".into()));
 }

@@ -22,8 +22,12 @@ async fn publishes_manifest_last_and_refuses_to_overwrite() {
     assert_eq!(published.archive_key, keys.archive);
     assert_eq!(server.get_object(BUCKET, &keys.archive).expect("archive"), std::fs::read(&out).expect("read"));
     // Large archives go up in parts; the manifest is the last object written.
-    let puts: Vec<_> = server.log().entries().into_iter().filter(|e| e.method == Method::PUT || e.method == Method::POST).collect();
-    assert!(puts.iter().any(|e| e.query.as_deref().is_some_and(|q| q.contains("partNumber"))), "multipart upload: {puts:?}");
+    let puts: Vec<_> =
+        server.log().entries().into_iter().filter(|e| e.method == Method::PUT || e.method == Method::POST).collect();
+    assert!(
+        puts.iter().any(|e| e.query.as_deref().is_some_and(|q| q.contains("partNumber"))),
+        "multipart upload: {puts:?}"
+    );
     assert!(puts.last().expect("puts").path.ends_with(".manifest.json"), "manifest last: {puts:?}");
 
     let error = publish(&client, BUCKET, &out, GARDENLINUX, false, &Transfer::default()).await.expect_err("overwrite");
@@ -43,7 +47,8 @@ async fn a_failed_upload_leaves_no_manifest() {
     let keys = BundleKeys::new(GARDENLINUX, KERNEL, DRIVER);
 
     server.faults().inject_suffix_times(Method::PUT, ".tar.zst", Fault::InternalError, 10);
-    let error = publish(&client, BUCKET, &out, GARDENLINUX, false, &Transfer::default()).await.expect_err("upload fails");
+    let error =
+        publish(&client, BUCKET, &out, GARDENLINUX, false, &Transfer::default()).await.expect_err("upload fails");
     assert!(error.to_string().contains(&keys.archive), "{error}");
     assert!(server.get_object(BUCKET, &keys.manifest).is_none(), "no manifest without its archive");
     server.faults().clear();

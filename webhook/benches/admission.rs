@@ -26,6 +26,10 @@ fn main() {
         baseline_server(addr, Path::new(&args[at + 2]), Path::new(&args[at + 3]));
         return;
     }
+    if args.iter().any(|a| a == "--stages") {
+        stages();
+        return;
+    }
     if args.iter().any(|a| a == "--bench") || args.len() <= 1 || args.iter().any(|a| a == "--quick") {
         let quick = args.iter().any(|a| a == "--quick");
         let runtime =
@@ -144,6 +148,7 @@ async fn connect(addr: SocketAddr, ca_pem: &str) -> Sender {
 }
 
 async fn post(sender: &mut Sender, body: &Bytes) -> Duration {
+    sender.ready().await.expect("connection ready");
     let started = Instant::now();
     let request = hyper::Request::post("/mutate")
         .header("host", "localhost")
@@ -294,4 +299,42 @@ async fn run(quick: bool) {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// Where a request's time goes, in process (`-- --stages`).
+fn stages() {
+    use k8s_openapi::api::core::v1::Pod;
+    let body = serde_json::to_vec(&fixture()).expect("json");
+    let n = 20_000;
+    let time = |name: &str, f: &mut dyn FnMut()| {
+        let started = Instant::now();
+        for _ in 0..n {
+            f();
+        }
+        println!("{name:40} {:8.2} µs", started.elapsed().as_secs_f64() * 1e6 / n as f64);
+    };
+    time("parse as serde_json::Value", &mut || {
+        std::hint::black_box(serde_json::from_slice::<Value>(&body).expect("value"));
+    });
+    time("parse as kube AdmissionReview<Pod>", &mut || {
+        std::hint::black_box(
+            serde_json::from_slice::<kube::core::admission::AdmissionReview<Pod>>(&body).expect("review"),
+        );
+    });
+    let pod: Pod = serde_json::from_value(fixture()["request"]["object"].clone()).expect("pod");
+    let config = nvidia_webhook::InjectConfig::new("img");
+    time("mutate", &mut || {
+        std::hint::black_box(nvidia_webhook::mutate(&pod, &config).expect("mutate"));
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let state = nvidia_webhook::admission::AppState::new(config.clone());
+    let bytes = Bytes::from(body.clone());
+    time("router: POST /mutate end to end", &mut || {
+        runtime.block_on(async {
+            use tower::ServiceExt;
+            let request = hyper::Request::post("/mutate").body(axum::body::Body::from(bytes.clone())).expect("request");
+            let response = nvidia_webhook::admission::router(state.clone()).oneshot(request).await.expect("response");
+            std::hint::black_box(response.into_body().collect().await.expect("body"));
+        })
+    });
 }

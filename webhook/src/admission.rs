@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::TypeMeta;
-use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
 use serde_json::Value;
 use tracing::{debug, info, warn};
 
@@ -85,16 +85,30 @@ async fn mutate_handler(State(state): State<Arc<AppState>>, body: Result<Bytes, 
     response
 }
 
+/// The review as it arrives. kube's `AdmissionReview` flattens its `TypeMeta`, which makes serde
+/// buffer the whole body (pod included) before reading it a second time; reading the three
+/// top-level fields here parses the body once. The request itself is kube's type.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope {
+    #[serde(default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+    request: Option<AdmissionRequest<Pod>>,
+}
+
 /// Answer one review body: the typed fast path, or a careful look at what could not be read.
 fn review(state: &AppState, body: &[u8]) -> Response {
-    match serde_json::from_slice::<AdmissionReview<Pod>>(body) {
-        Ok(review) => match review.try_into() {
-            Ok(request) => reply(admit(state, &request)),
-            Err(_) => {
-                state.metrics.error("malformed");
-                bad_request("the AdmissionReview carries no request".to_owned())
-            }
-        },
+    match serde_json::from_slice::<Envelope>(body) {
+        Ok(Envelope { api_version, kind, request: Some(mut request) }) => {
+            request.types = TypeMeta { api_version, kind };
+            reply(admit(state, &request))
+        }
+        Ok(Envelope { request: None, .. }) => {
+            state.metrics.error("malformed");
+            bad_request("the AdmissionReview carries no request".to_owned())
+        }
         Err(error) => unreadable(state, body, error),
     }
 }

@@ -1,0 +1,281 @@
+//! Staging benchmark: a ~400 MB bundle of incompressible driver bytes from the loopback S3 server,
+//! through a per-connection bandwidth cap (default 85 MB/s, S3's per-connection figure), staged by
+//! the real `nvidia-installer stage` process. In the same run:
+//! - the baseline of the original system: one GET to a file, then sha256, then extract;
+//! - the limit: the largest of the capped transfer at the same concurrency (GETs to nowhere),
+//!   the slowest stage alone (decompression, hashing, writing the files), and the stages' CPU
+//!   time divided by the cores;
+//! - peak RSS of the staging process, and a cache hit.
+//!
+//! Run: `cargo bench -p nvidia-installer --bench stage` (`-- --quick` for a 100 MB bundle;
+//! `NVIDIA_BENCH_MBPS=0` for no cap).
+
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use integration_tests::s3::{Options, S3Server};
+use nvidia_installer::pack::{self, BundleInfo};
+use nvidia_installer::s3::{BundleKeys, S3Options};
+use sha2::Digest;
+
+const KERNEL: &str = "6.1.0-47-amd64";
+const DRIVER: &str = "535.261.03";
+const GL: &str = "1877.3";
+const BUCKET: &str = "bench-drivers";
+const CONCURRENCY: usize = 8;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if !(args.len() <= 1 || args.iter().any(|a| a == "--bench" || a == "--quick")) {
+        return;
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let mbps: u64 = std::env::var("NVIDIA_BENCH_MBPS").ok().and_then(|v| v.parse().ok()).unwrap_or(85);
+    let total: usize = if quick { 100 << 20 } else { 400 << 20 };
+    let work = tempfile::tempdir_in(
+        std::env::var("NVIDIA_BENCH_DIR")
+            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target").to_owned()),
+    )
+    .expect("work dir");
+    println!(
+        "# staging benchmark: {} MiB bundle, cap {} MB/s per connection, {CONCURRENCY} connections",
+        total >> 20,
+        mbps
+    );
+
+    let dir = bundle_dir(work.path(), total);
+    let archive = work.path().join("bundle.tar.zst");
+    let info = BundleInfo {
+        driver_version: DRIVER.into(),
+        kernel_release: KERNEL.into(),
+        flavor: "open".into(),
+        gardenlinux_version: Some(GL.into()),
+    };
+    let manifest = pack::describe(&dir, &info).expect("describe");
+    let packed = pack::pack(&dir, &manifest, &archive, 3).expect("pack");
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+    let size = packed.archive.as_ref().expect("archive").size;
+    println!("archive: {:.1} MB", size as f64 / 1e6);
+
+    let limit = (mbps > 0).then_some(mbps * 1_000_000);
+    let server = S3Server::start_with(Options { bandwidth_limit: limit });
+    server.create_bucket(BUCKET);
+    let keys = BundleKeys::new(GL, KERNEL, DRIVER);
+    server.put_file(BUCKET, &keys.archive, &archive);
+    server.put_object(BUCKET, &keys.manifest, packed.to_json());
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let options = S3Options {
+        bucket: BUCKET.into(),
+        endpoint: Some(server.endpoint().into()),
+        region: Some(server.region().into()),
+        ca_file: Some(server.ca_file().into()),
+        access_key_id: Some(server.access_key().into()),
+        secret_access_key: Some(server.secret_key().into()),
+    };
+    let client = runtime.block_on(nvidia_installer::s3::client(&options)).expect("client");
+
+    // Ours: the real binary, as the DaemonSet runs it.
+    let host = work.path().join("host");
+    let cpu_before = children_cpu();
+    let started = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_nvidia-installer"))
+        .arg("stage")
+        .envs(server.env())
+        .env("NVIDIA_INSTALLER_HOST_ROOT", &host)
+        .env("NVIDIA_INSTALLER_BUCKET", BUCKET)
+        .env("NVIDIA_DRIVER_VERSION", DRIVER)
+        .env("GARDENLINUX_VERSION", GL)
+        .env("KERNEL_RELEASE", KERNEL)
+        .env("NVIDIA_INSTALLER_CONCURRENCY", CONCURRENCY.to_string())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("stage");
+    let ours = started.elapsed();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let ours_cpu = children_cpu() - cpu_before;
+    let peak_rss_mib = peak_children_rss_kib() as f64 / 1024.0;
+
+    let started = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_nvidia-installer"))
+        .arg("stage")
+        .envs(server.env())
+        .env("NVIDIA_INSTALLER_HOST_ROOT", &host)
+        .env("NVIDIA_INSTALLER_BUCKET", BUCKET)
+        .env("NVIDIA_DRIVER_VERSION", DRIVER)
+        .env("GARDENLINUX_VERSION", GL)
+        .env("KERNEL_RELEASE", KERNEL)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("stage");
+    let cache_hit = started.elapsed();
+    assert!(output.status.success());
+    std::fs::remove_dir_all(&host).expect("cleanup");
+
+    // Baseline: the original system's sequence.
+    let baseline_dir = work.path().join("baseline");
+    std::fs::create_dir_all(&baseline_dir).expect("dir");
+    let started = Instant::now();
+    let file = baseline_dir.join("bundle.tar.zst");
+    runtime.block_on(async {
+        let out = client.get_object().bucket(BUCKET).key(&keys.archive).send().await.expect("get");
+        let mut body = out.body.into_async_read();
+        let mut target = tokio::fs::File::create(&file).await.expect("file");
+        tokio::io::copy(&mut body, &mut target).await.expect("download");
+        target.sync_all().await.expect("sync");
+    });
+    let digest = hex::encode(sha2::Sha256::digest(std::fs::read(&file).expect("read")));
+    assert_eq!(Some(digest.as_str()), packed.archive.as_ref().map(|a| a.sha256.as_str()));
+    let decoder = zstd::stream::read::Decoder::new(std::fs::File::open(&file).expect("open")).expect("zstd");
+    tar::Archive::new(decoder).unpack(baseline_dir.join("out")).expect("unpack");
+    let baseline = started.elapsed();
+    std::fs::remove_dir_all(&baseline_dir).expect("cleanup");
+
+    // The limit, stage by stage.
+    let started = Instant::now();
+    runtime.block_on(transfer_only(&client, &keys.archive, size));
+    let transfer = started.elapsed();
+    let cpu = cpu_now();
+    let started = Instant::now();
+    let mut decoder = zstd::stream::read::Decoder::new(std::fs::File::open(&archive).expect("open")).expect("zstd");
+    let unpacked = std::io::copy(&mut decoder, &mut std::io::sink()).expect("decode");
+    let decompress = (started.elapsed(), cpu_now() - cpu);
+    let cpu = cpu_now();
+    let started = Instant::now();
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut std::fs::File::open(&archive).expect("open"), &mut hasher).expect("hash");
+    let hash = (started.elapsed(), cpu_now() - cpu);
+    let cpu = cpu_now();
+    let started = Instant::now();
+    write_files(&work.path().join("writes"), unpacked);
+    let writes = (started.elapsed(), cpu_now() - cpu);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let cpu_bound = Duration::from_secs_f64((decompress.1 + hash.1 + writes.1).as_secs_f64() / cores);
+    let limit = [transfer, decompress.0, hash.0, writes.0, cpu_bound].into_iter().max().unwrap_or_default();
+
+    let s = |d: Duration| d.as_secs_f64();
+    println!(
+        "nvidia-installer stage      {:7.2} s   ({:.0} MB/s, CPU {:.2} s)",
+        s(ours),
+        size as f64 / 1e6 / s(ours),
+        s(ours_cpu)
+    );
+    println!("baseline (GET, sha256, tar) {:7.2} s", s(baseline));
+    println!("limit                       {:7.2} s   = max of:", s(limit));
+    println!("  transfer alone ({CONCURRENCY} ranged GETs to nowhere) {:.2} s", s(transfer));
+    println!("  zstd decompression alone          {:.2} s (CPU {:.2} s)", s(decompress.0), s(decompress.1));
+    println!("  sha256 alone                      {:.2} s (CPU {:.2} s)", s(hash.0), s(hash.1));
+    println!("  writing the files alone           {:.2} s (CPU {:.2} s)", s(writes.0), s(writes.1));
+    println!("  stage CPU / {cores} cores              {:.2} s", s(cpu_bound));
+    println!("speed-up over baseline {:.2}x; time / limit {:.2}", s(baseline) / s(ours), s(ours) / s(limit));
+    println!("peak RSS of stage {peak_rss_mib:.1} MiB; cache hit {:.0} ms", cache_hit.as_secs_f64() * 1000.0);
+}
+
+/// Files of incompressible bytes, sized like a driver's: big libraries, modules, small tools.
+fn bundle_dir(root: &Path, total: usize) -> std::path::PathBuf {
+    let dir = root.join("driver");
+    for sub in ["bin", "lib", "modules"] {
+        std::fs::create_dir_all(dir.join(sub)).expect("dir");
+    }
+    let shares = [
+        ("lib/libcuda.so.535.261.03", 30),
+        ("lib/libnvidia-ptxjitcompiler.so.535.261.03", 20),
+        ("lib/libnvidia-nvvm.so.535.261.03", 20),
+        ("modules/nvidia.ko", 15),
+        ("lib/libnvidia-ml.so.535.261.03", 5),
+        ("modules/nvidia-uvm.ko", 4),
+        ("modules/nvidia-modeset.ko", 3),
+        ("bin/nvidia-smi", 3),
+    ];
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    for (path, share) in shares {
+        let mut file = std::io::BufWriter::new(std::fs::File::create(dir.join(path)).expect("file"));
+        if path.ends_with(".ko") {
+            let name = Path::new(path).file_stem().and_then(|s| s.to_str()).unwrap_or("m").replace('-', "_");
+            file.write_all(
+                format!("\0name={name}\0vermagic={KERNEL} SMP preempt mod_unload modversions \0").as_bytes(),
+            )
+            .expect("modinfo");
+        }
+        let mut left = total * share / 100;
+        let mut block = vec![0u8; 1 << 20];
+        while left > 0 {
+            for chunk in block.chunks_mut(8) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+            }
+            let n = left.min(block.len());
+            file.write_all(&block[..n]).expect("write");
+            left -= n;
+        }
+        file.flush().expect("flush");
+    }
+    dir
+}
+
+async fn transfer_only(client: &aws_sdk_s3::Client, key: &str, size: u64) {
+    let part = 8u64 << 20;
+    let parts: Vec<(u64, u64)> = (0..size.div_ceil(part)).map(|i| (i * part, ((i + 1) * part).min(size) - 1)).collect();
+    futures::stream::iter(parts)
+        .map(|(first, last)| async move {
+            let out = client
+                .get_object()
+                .bucket(BUCKET)
+                .key(key)
+                .range(format!("bytes={first}-{last}"))
+                .send()
+                .await
+                .expect("get");
+            let mut body = out.body;
+            while let Some(chunk) = body.try_next().await.expect("body") {
+                std::hint::black_box(chunk.len());
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await;
+}
+
+fn write_files(dir: &Path, total: u64) {
+    std::fs::create_dir_all(dir).expect("dir");
+    let block = vec![0x5au8; 256 * 1024];
+    let mut left = total;
+    let mut index = 0;
+    while left > 0 {
+        let size = left.min(64 << 20);
+        let path = dir.join(format!("f{index}"));
+        let mut file = std::fs::File::create(&path).expect("file");
+        let mut written = 0;
+        while written < size {
+            let n = (size - written).min(block.len() as u64) as usize;
+            file.write_all(&block[..n]).expect("write");
+            written += n as u64;
+        }
+        file.sync_all().expect("sync");
+        left -= size;
+        index += 1;
+    }
+    std::fs::remove_dir_all(dir).expect("cleanup");
+}
+
+fn cpu_now() -> Duration {
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).expect("rusage");
+    to_duration(usage.user_time()) + to_duration(usage.system_time())
+}
+
+fn children_cpu() -> Duration {
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).expect("rusage");
+    to_duration(usage.user_time()) + to_duration(usage.system_time())
+}
+
+fn peak_children_rss_kib() -> i64 {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).expect("rusage").max_rss()
+}
+
+fn to_duration(t: nix::sys::time::TimeVal) -> Duration {
+    Duration::from_secs(t.tv_sec() as u64) + Duration::from_micros(t.tv_usec() as u64)
+}

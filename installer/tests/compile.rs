@@ -1,0 +1,357 @@
+//! The compiler instance: the FIFO protocol between `modulus` and `dev-serve` in two processes
+//! (with fake module sources whose Makefile is quick), and — marked slow, run in CI — the real
+//! NVIDIA open modules from Debian built against real kernel headers.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use integration_tests::s3::S3Server;
+
+fn bin() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_nvidia-installer"));
+    command.env("RUST_LOG", "info");
+    command
+}
+
+/// A configured kernel build tree, as far as the compile step looks at it.
+fn fake_headers(root: &Path) -> PathBuf {
+    let headers = root.join("headers");
+    std::fs::create_dir_all(headers.join("include/config")).expect("headers");
+    std::fs::write(headers.join(".config"), "CONFIG_MODULES=y\n").expect("config");
+    std::fs::write(headers.join("include/config/kernel.release"), format!("{KERNEL}\n")).expect("release");
+    headers
+}
+
+/// Module sources whose `make modules` runs `recipe`.
+fn fake_sources(root: &Path, recipe: &str) -> PathBuf {
+    let src = root.join("nvidia-open-kernel");
+    std::fs::create_dir_all(&src).expect("src");
+    std::fs::write(src.join("Kbuild"), format!("ccflags-y += -DNV_VERSION_STRING=\\\"{DRIVER}\\\"\n")).expect("kbuild");
+    std::fs::write(src.join("conftest.sh"), "#!/bin/sh\n").expect("conftest");
+    std::fs::write(src.join("Makefile"), format!("modules:\n\t{recipe}\n")).expect("makefile");
+    src
+}
+
+fn userspace(root: &Path) -> PathBuf {
+    let dir = driver_dir(root, KERNEL, DRIVER, 1024);
+    std::fs::remove_dir_all(dir.join("modules")).expect("modules");
+    dir
+}
+
+const MAKE_MODULES: &str = "for m in nvidia nvidia-uvm nvidia-modeset; do printf 'fake\\0vermagic=6.1.0-47-amd64 SMP preempt mod_unload modversions \\0name=%s\\0' $$m > $$m.ko; done";
+
+fn modulus(cmd: &Path, out: &Path, source: &Path, headers: &Path, extra: &[&str]) -> Command {
+    let mut command = bin();
+    command
+        .arg("modulus")
+        .arg("--cmd-dir")
+        .arg(cmd)
+        .arg("--out-dir")
+        .arg(out)
+        .arg("--driver-source")
+        .arg(source)
+        .arg("--kernel-headers")
+        .arg(headers)
+        .args(extra);
+    command
+}
+
+fn dev_serve(cmd: &Path, work: &Path) -> Child {
+    bin()
+        .arg("dev-serve")
+        .arg("--cmd-dir")
+        .arg(cmd)
+        .arg("--work-dir")
+        .arg(work)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("dev-serve")
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn modulus_and_dev_build_and_publish_through_the_fifos() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let dir = tempfile::tempdir().expect("dir");
+    let (cmd, out) = (dir.path().join("cmd"), dir.path().join("out"));
+    std::fs::create_dir_all(&cmd).expect("cmd");
+    std::fs::create_dir_all(&out).expect("out");
+    let sources = fake_sources(dir.path(), MAKE_MODULES);
+    let headers = fake_headers(dir.path());
+    let user = userspace(dir.path());
+    let _dev = Killed(dev_serve(&cmd, &dir.path().join("work")));
+    let output = modulus(
+        &cmd,
+        &out,
+        &sources,
+        &headers,
+        &[
+            "--userspace",
+            user.to_str().expect("utf8"),
+            "--gardenlinux-version",
+            GARDENLINUX,
+            "--publish",
+            "--bucket",
+            BUCKET,
+            "--dev-wait",
+            "20s",
+        ],
+    )
+    .envs(server.env())
+    .output()
+    .expect("modulus");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let bundle = out.join("nvidia-bundle.tar.zst");
+    let manifest = nvidia_installer::pack::read_inner_manifest(&bundle).expect("bundle");
+    assert_eq!((manifest.driver_version.as_str(), manifest.kernel_release.as_str()), (DRIVER, KERNEL));
+    let mut names: Vec<&str> = manifest.modules.iter().map(|m| m.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, vec!["nvidia", "nvidia-modeset", "nvidia-uvm"]);
+    let keys = nvidia_installer::s3::BundleKeys::new(GARDENLINUX, KERNEL, DRIVER);
+    assert!(server.get_object(BUCKET, &keys.manifest).is_some(), "published");
+}
+
+#[test]
+fn a_missing_dev_container_is_reported_not_waited_on() {
+    let dir = tempfile::tempdir().expect("dir");
+    let cmd = dir.path().join("cmd");
+    std::fs::create_dir_all(&cmd).expect("cmd");
+    let sources = fake_sources(dir.path(), "true");
+    let headers = fake_headers(dir.path());
+    let output = modulus(&cmd, dir.path(), &sources, &headers, &["--dev-wait", "1s"]).output().expect("modulus");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("dev container") && stderr.contains("heartbeat"), "{stderr}");
+}
+
+#[test]
+fn a_dev_side_that_never_answers_times_out() {
+    let dir = tempfile::tempdir().expect("dir");
+    let cmd = dir.path().join("cmd");
+    std::fs::create_dir_all(&cmd).expect("cmd");
+    let pipes = nvidia_installer::fifo::Pipes::new(&cmd);
+    pipes.create().expect("fifos");
+    // A dev side that is alive, takes the request, and never answers.
+    let heartbeat = pipes.heartbeat.clone();
+    let request = pipes.request.clone();
+    std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || std::fs::read_to_string(request));
+        for _ in 0..100 {
+            let _ = std::fs::write(&heartbeat, "1\n");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        drop(reader);
+    });
+    let sources = fake_sources(dir.path(), "true");
+    let headers = fake_headers(dir.path());
+    let started = Instant::now();
+    let output = modulus(&cmd, dir.path(), &sources, &headers, &["--timeout", "2s"]).output().expect("modulus");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no answer within 2s"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(20), "it gave up");
+}
+
+#[test]
+fn a_dev_container_dying_mid_build_is_noticed() {
+    let dir = tempfile::tempdir().expect("dir");
+    let cmd = dir.path().join("cmd");
+    std::fs::create_dir_all(&cmd).expect("cmd");
+    let started_marker = dir.path().join("build-started");
+    let sources = fake_sources(dir.path(), &format!("touch {} && sleep 120", started_marker.display()));
+    let headers = fake_headers(dir.path());
+    let mut dev = dev_serve(&cmd, &dir.path().join("work"));
+    let user = userspace(dir.path());
+    let modulus = modulus(
+        &cmd,
+        dir.path(),
+        &sources,
+        &headers,
+        &["--userspace", user.to_str().expect("utf8"), "--dev-wait", "20s"],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("modulus");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !started_marker.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(started_marker.exists(), "the build never started");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(dev.id() as i32), nix::sys::signal::Signal::SIGKILL)
+        .expect("kill");
+    let _ = dev.wait();
+    // `make` and `sleep` were children of the dead dev; take them down as a container stop would.
+    let _ = Command::new("pkill").args(["-f", &started_marker.display().to_string()]).status();
+    let output = modulus.wait_with_output().expect("modulus");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("stopped during the build") || stderr.contains("without an exit code"), "{stderr}");
+}
+
+#[test]
+fn a_failing_build_reports_the_compilers_first_error() {
+    let dir = tempfile::tempdir().expect("dir");
+    let cmd = dir.path().join("cmd");
+    std::fs::create_dir_all(&cmd).expect("cmd");
+    let sources = fake_sources(
+        dir.path(),
+        "echo 'cc -Werror=implicit-function-declaration -c x.c'; echo \"nvidia/nv-pci.c:223:9: error: too few arguments to function 'pci_resize_resource'\" >&2; echo 'later.c:1:1: error: second' >&2; exit 2",
+    );
+    let headers = fake_headers(dir.path());
+    let user = userspace(dir.path());
+    let _dev = Killed(dev_serve(&cmd, &dir.path().join("work")));
+    let output = modulus(
+        &cmd,
+        dir.path(),
+        &sources,
+        &headers,
+        &["--userspace", user.to_str().expect("utf8"), "--dev-wait", "20s"],
+    )
+    .output()
+    .expect("modulus");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "building the modules for kernel {KERNEL} failed: nvidia/nv-pci.c:223:9: error: too few arguments"
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("exit code 1"), "{stderr}");
+}
+
+// ---- the real thing: Debian's NVIDIA open kernel module sources and kernel headers ----
+
+const SOURCES: &str = "/usr/src/nvidia-open-kernel.tar.xz";
+
+fn real_userspace() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/nvidia-userspace");
+    assert!(dir.join("bin/nvidia-smi").is_file(), "{} missing: run scripts/test-deps", dir.display());
+    dir
+}
+
+fn cloud_612_headers() -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/src")
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("linux-headers-6.12.") && n.ends_with("-cloud-amd64"))
+        })
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+fn compile(headers: &Path, patches: Option<&Path>, out: &Path) -> std::process::Output {
+    let mut command = bin();
+    command
+        .arg("compile")
+        .args(["--driver-source", SOURCES, "--flavor", "open", "--gardenlinux-version", GARDENLINUX])
+        .arg("--kernel-headers")
+        .arg(headers)
+        .arg("--userspace")
+        .arg(real_userspace())
+        .arg("--output")
+        .arg(out);
+    if let Some(patches) = patches {
+        command.arg("--patches").arg(patches);
+    }
+    command.output().expect("compile")
+}
+
+#[tokio::test]
+#[ignore = "slow (about 4 minutes on 2 cores); needs nvidia-open-kernel-source and linux-headers-6.1.0-47-amd64 (scripts/test-deps installs them)"]
+async fn real_open_modules_for_debian_6_1_publish_and_stage() {
+    let dir = tempfile::tempdir().expect("dir");
+    let out = dir.path().join("bundle.tar.zst");
+    let output = compile(Path::new("/usr/src/linux-headers-6.1.0-47-amd64"), None, &out);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let manifest = nvidia_installer::pack::read_inner_manifest(&out).expect("bundle");
+    assert_eq!(manifest.driver_version, DRIVER);
+    assert_eq!(manifest.kernel_release, KERNEL);
+    for module in ["nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-drm"] {
+        let entry = manifest.modules.iter().find(|m| m.name == module).unwrap_or_else(|| panic!("{module} missing"));
+        assert!(entry.vermagic.starts_with("6.1.0-47-amd64 "), "{module}: {}", entry.vermagic);
+    }
+    let nvidia = manifest.modules.iter().find(|m| m.name == "nvidia").expect("nvidia");
+    assert_eq!(nvidia.depends, vec!["drm"], "nvidia.ko on Debian 6.1 depends on the in-tree drm");
+    assert!(manifest.files["modules/nvidia.ko"].size < 40 << 20, "debug info stripped");
+    assert!(manifest.files.contains_key("bin/nvidia-smi"));
+    assert!(
+        manifest.files.contains_key("lib/libnvidia-ml.so.535.261.03")
+            && manifest.files.contains_key("lib/libcuda.so.535.261.03")
+    );
+    assert!(
+        manifest.links.contains_key("lib/libnvidia-ml.so.1") && manifest.links.contains_key("lib/libcuda.so.1"),
+        "{:?}",
+        manifest.links
+    );
+
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let client = nvidia_installer::s3::client(&options(&server)).await.expect("client");
+    nvidia_installer::publish::publish(&client, BUCKET, &out, GARDENLINUX, false, &Default::default())
+        .await
+        .expect("publish");
+    let host_dir = tempfile::tempdir().expect("host");
+    let layout = host(host_dir.path());
+    let output = Command::new(env!("CARGO_BIN_EXE_nvidia-installer"))
+        .arg("stage")
+        .envs(server.env())
+        .env("NVIDIA_INSTALLER_HOST_ROOT", host_dir.path())
+        .env("NVIDIA_INSTALLER_BUCKET", BUCKET)
+        .env("NVIDIA_DRIVER_VERSION", DRIVER)
+        .env("GARDENLINUX_VERSION", GARDENLINUX)
+        .output()
+        .expect("stage");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let staged = layout.current();
+    for module in ["nvidia", "nvidia-uvm", "nvidia-modeset"] {
+        let info = nvidia_installer::kernel::modinfo(&staged.join(format!("modules/{module}.ko"))).expect("modinfo");
+        assert_eq!(nvidia_installer::kernel::vermagic_release(&info.vermagic), KERNEL);
+    }
+    assert!(staged.join("lib64/libnvidia-ml.so.1").exists() && staged.join("bin/nvidia-smi").is_file());
+}
+
+#[test]
+#[ignore = "slow (two builds, about 8 minutes on 2 cores); needs nvidia-open-kernel-source and the 6.12 cloud headers (scripts/test-deps installs them)"]
+fn the_6_12_cloud_kernel_needs_the_patch_and_builds_with_it() {
+    let headers = cloud_612_headers().expect("linux-headers-6.12.*-cloud-amd64 under /usr/src: run scripts/test-deps");
+    let dir = tempfile::tempdir().expect("dir");
+    let out = dir.path().join("bundle.tar.zst");
+    let output = compile(&headers, None, &out);
+    assert!(!output.status.success(), "6.12 builds without the patch?");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("nv-pci.c")
+            && stderr.contains("error: too few arguments to function")
+            && stderr.contains("pci_resize_resource"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("full log:"), "{stderr}");
+
+    let patches = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/patches/6.12");
+    let output = compile(&headers, Some(&patches), &out);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let manifest = nvidia_installer::pack::read_inner_manifest(&out).expect("bundle");
+    let release =
+        headers.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("linux-headers-")).expect("release");
+    assert!(manifest.modules.iter().all(|m| m.vermagic.starts_with(&format!("{release} "))), "{:?}", manifest.modules);
+}
