@@ -54,15 +54,14 @@ pub async fn publish(
             .await
             .map_err(|e| Error::s3("DELETE", bucket, &keys.manifest, e.to_string()))?;
     }
-    let mut manifest = inner.clone();
-    manifest.gardenlinux_version = manifest.gardenlinux_version.or(Some(gardenlinux.to_owned()));
-    manifest.archive = Some(crate::manifest::ArchiveEntry { sha256, size });
-    if manifest.without_archive() != inner {
+    if let Some(packed_for) = inner.gardenlinux_version.as_deref().filter(|v| *v != gardenlinux) {
         return Err(Error::Manifest {
             source_name: bundle.display().to_string(),
-            reason: format!("was packed for another Garden Linux version than {gardenlinux}"),
+            reason: format!("was packed for Garden Linux {packed_for}, not {gardenlinux}"),
         });
     }
+    // The copy beside the archive is the archive's own manifest plus the archive's digest.
+    let manifest = Manifest { archive: Some(crate::manifest::ArchiveEntry { sha256, size }), ..inner.clone() };
     info!(bucket, key = %keys.archive, bytes = size, "uploading the bundle");
     if size > MULTIPART_THRESHOLD {
         upload_multipart(client, bucket, &keys.archive, bundle, size, transfer).await?;
