@@ -355,3 +355,76 @@ fn the_6_12_cloud_kernel_needs_the_patch_and_builds_with_it() {
         headers.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("linux-headers-")).expect("release");
     assert!(manifest.modules.iter().all(|m| m.vermagic.starts_with(&format!("{release} "))), "{:?}", manifest.modules);
 }
+
+/// An installer shaped like NVIDIA's `.run` (a self-extracting script that honours `-x --target`),
+/// with both module flavors and the user-space files at its top level.
+fn fake_run(dir: &Path, version: &str) -> PathBuf {
+    let tree = dir.join("run-tree");
+    for (flavor, binary) in [("kernel-open", false), ("kernel", true)] {
+        let src = tree.join(flavor);
+        std::fs::create_dir_all(src.join("nvidia")).expect("src");
+        std::fs::write(src.join("Kbuild"), format!("ccflags-y += -DNV_VERSION_STRING=\\\"{version}\\\"\n"))
+            .expect("kbuild");
+        std::fs::write(src.join("conftest.sh"), "#!/bin/sh\n").expect("conftest");
+        std::fs::write(src.join("Makefile"), format!("modules:\n\t{MAKE_MODULES}\n\techo {flavor} > built-from\n"))
+            .expect("makefile");
+        if binary {
+            std::fs::write(src.join("nvidia/nv-kernel.o_binary"), b"blob").expect("blob");
+        }
+    }
+    std::fs::write(tree.join(".manifest"), format!("NVIDIA driver\n{version}\n")).expect("manifest");
+    std::fs::write(tree.join("nvidia-smi"), "#!/bin/sh\necho smi\n").expect("smi");
+    for lib in ["libcuda", "libnvidia-ml", "libnvidia-ptxjitcompiler"] {
+        std::fs::write(tree.join(format!("{lib}.so.{version}")), vec![1u8; 2048]).expect("lib");
+    }
+    let tarball = dir.join("payload.tar");
+    let status = Command::new("tar").arg("-cf").arg(&tarball).arg("-C").arg(&tree).arg(".").status().expect("tar");
+    assert!(status.success());
+    let run = dir.join(format!("NVIDIA-Linux-x86_64-{version}.run"));
+    let script = format!(
+        "#!/bin/sh\n# fake makeself: -x --target DIR\ntarget=''\nwhile [ $# -gt 0 ]; do case \"$1\" in --target) target=\"$2\"; shift;; esac; shift; done\nmkdir -p \"$target\" && tar -xf {} -C \"$target\"\n",
+        tarball.display()
+    );
+    std::fs::write(&run, script).expect("run");
+    run
+}
+
+#[test]
+fn a_run_installer_is_extracted_and_auto_picks_the_flavor_by_branch() {
+    let dir = tempfile::tempdir().expect("dir");
+    let run = fake_run(dir.path(), DRIVER);
+    let headers = fake_headers(dir.path());
+    let out = dir.path().join("bundle.tar.zst");
+    let sha = nvidia_installer::archive::sha256_file(&run).expect("sha");
+    let compile = |extra: &[&str]| {
+        bin()
+            .arg("compile")
+            .arg("--driver-source")
+            .arg(&run)
+            .arg("--kernel-headers")
+            .arg(&headers)
+            .arg("--output")
+            .arg(&out)
+            .args(extra)
+            .output()
+            .expect("compile")
+    };
+    let output = compile(&["--driver-sha256", &sha]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let manifest = nvidia_installer::pack::read_inner_manifest(&out).expect("bundle");
+    assert_eq!(manifest.flavor, "proprietary", "535 is below the 560 branch");
+    assert_eq!(manifest.driver_version, DRIVER, "version from the .run's manifest");
+    for file in ["bin/nvidia-smi", "lib/libcuda.so.535.261.03", "lib/libnvidia-ml.so.535.261.03"] {
+        assert!(manifest.files.contains_key(file), "{file}: {:?}", manifest.files.keys());
+    }
+    assert_eq!(manifest.links.get("lib/libcuda.so.1").map(String::as_str), Some("libcuda.so.535.261.03"));
+
+    let output = compile(&["--flavor", "open"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(nvidia_installer::pack::read_inner_manifest(&out).expect("bundle").flavor, "open");
+
+    let output = compile(&["--driver-sha256", &"0".repeat(64)]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("sha256 mismatch") && stderr.contains(".run"), "{stderr}");
+}
