@@ -67,11 +67,12 @@ pub fn compile(request: &CompileRequest, work: &Path) -> Result<Compiled> {
     std::fs::create_dir_all(work).map_err(|e| Error::io("creating", work, e))?;
     let source = fetch(request, work)?;
     let prepared = prepare(&source, request, work)?;
-    let headers = match &request.kernel_headers {
-        Some(path) => path.clone(),
-        None => {
-            let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-                .map_err(|e| Error::io("reading", Path::new("/proc/sys/kernel/osrelease"), e))?;
+    let headers = match (&request.kernel_headers, &request.kernel_release) {
+        (Some(path), _) => path.clone(),
+        (None, Some(release)) => PathBuf::from(format!("/lib/modules/{release}/build")),
+        (None, None) => {
+            let osrelease = Path::new("/proc/sys/kernel/osrelease");
+            let release = std::fs::read_to_string(osrelease).map_err(|e| Error::io("reading", osrelease, e))?;
             PathBuf::from(format!("/lib/modules/{}/build", release.trim()))
         }
     };
