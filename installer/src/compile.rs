@@ -236,7 +236,7 @@ fn prepare(source: &Path, request: &CompileRequest, work: &Path) -> Result<Prepa
             source.display()
         ))
     })?;
-    let detected = if has_binary_objects(&modules_dir) { Flavor::Proprietary } else { Flavor::Open };
+    let detected = if proprietary_license(&modules_dir) { Flavor::Proprietary } else { Flavor::Open };
     if request.flavor != Flavor::Auto && request.flavor != detected {
         return Err(Error::Config(format!(
             "{} holds the {detected:?} modules, not {:?}",
@@ -264,11 +264,16 @@ fn find_module_dir(dir: &Path, depth: usize) -> Option<PathBuf> {
     entries.into_iter().find_map(|d| find_module_dir(&d, depth - 1))
 }
 
-fn has_binary_objects(dir: &Path) -> bool {
-    std::fs::read_dir(dir).into_iter().flatten().flatten().any(|e| {
-        let path = e.path();
-        if path.is_dir() { has_binary_objects(&path) } else { path.to_string_lossy().ends_with(".o_binary") }
-    })
+/// Both flavors ship prebuilt `*.o_binary` parts; what tells them apart is the license the
+/// sources declare: `MODULE_LICENSE("NVIDIA")` for the proprietary modules, "Dual MIT/GPL" for the
+/// open ones.
+fn proprietary_license(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir.join("nvidia")) else { return false };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "c"))
+        .any(|path| std::fs::read_to_string(path).is_ok_and(|text| text.contains("MODULE_LICENSE(\"NVIDIA\")")))
 }
 
 fn run_version(run: &Path) -> Option<String> {
@@ -306,7 +311,19 @@ pub fn header_trees(headers: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((sysout, syssrc))
 }
 
+/// The release the tree builds for: `UTS_RELEASE` (what vermagic carries; Debian's
+/// `kernel.release` holds the upstream version instead), else `include/config/kernel.release`.
 fn read_release(sysout: &Path) -> Result<String> {
+    let uts = sysout.join("include/generated/utsrelease.h");
+    if let Ok(text) = std::fs::read_to_string(&uts)
+        && let Some(release) = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("#define UTS_RELEASE"))
+            .map(|r| r.trim().trim_matches('"').to_owned())
+        && !release.is_empty()
+    {
+        return Ok(release);
+    }
     let path = sysout.join("include/config/kernel.release");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io("reading", &path, e))?;
     Ok(text.trim().to_owned())
