@@ -81,16 +81,8 @@ fn main() {
     let host = work.path().join("host");
     let cpu_before = children_cpu();
     let started = Instant::now();
-    let output = Command::new(env!("CARGO_BIN_EXE_nvidia-installer"))
-        .arg("stage")
-        .envs(server.env())
-        .env("NVIDIA_INSTALLER_HOST_ROOT", &host)
-        .env("NVIDIA_INSTALLER_BUCKET", BUCKET)
-        .env("NVIDIA_DRIVER_VERSION", DRIVER)
-        .env("GARDENLINUX_VERSION", GL)
-        .env("KERNEL_RELEASE", KERNEL)
+    let output = stage_command(&server, &host)
         .env("NVIDIA_INSTALLER_CONCURRENCY", CONCURRENCY.to_string())
-        .env("RUST_LOG", "warn")
         .output()
         .expect("stage");
     let ours = started.elapsed();
@@ -99,17 +91,7 @@ fn main() {
     let peak_rss_mib = peak_children_rss_kib() as f64 / 1024.0;
 
     let started = Instant::now();
-    let output = Command::new(env!("CARGO_BIN_EXE_nvidia-installer"))
-        .arg("stage")
-        .envs(server.env())
-        .env("NVIDIA_INSTALLER_HOST_ROOT", &host)
-        .env("NVIDIA_INSTALLER_BUCKET", BUCKET)
-        .env("NVIDIA_DRIVER_VERSION", DRIVER)
-        .env("GARDENLINUX_VERSION", GL)
-        .env("KERNEL_RELEASE", KERNEL)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("stage");
+    let output = stage_command(&server, &host).output().expect("stage");
     let cache_hit = started.elapsed();
     assert!(output.status.success());
     std::fs::remove_dir_all(&host).expect("cleanup");
@@ -171,6 +153,21 @@ fn main() {
     println!("  stage CPU / {cores} cores              {:.2} s", s(cpu_bound));
     println!("speed-up over baseline {:.2}x; time / limit {:.2}", s(baseline) / s(ours), s(ours) / s(limit));
     println!("peak RSS of stage {peak_rss_mib:.1} MiB; cache hit {:.0} ms", cache_hit.as_secs_f64() * 1000.0);
+}
+
+/// `nvidia-installer stage` as the DaemonSet runs it, against the loopback bucket.
+fn stage_command(server: &S3Server, host: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_nvidia-installer"));
+    command
+        .arg("stage")
+        .envs(server.env())
+        .env("NVIDIA_INSTALLER_HOST_ROOT", host)
+        .env("NVIDIA_INSTALLER_BUCKET", BUCKET)
+        .env("NVIDIA_DRIVER_VERSION", DRIVER)
+        .env("GARDENLINUX_VERSION", GL)
+        .env("KERNEL_RELEASE", KERNEL)
+        .env("RUST_LOG", "warn");
+    command
 }
 
 /// Files of incompressible bytes, sized like a driver's: big libraries, modules, small tools.

@@ -146,12 +146,8 @@ pub struct ModulusArgs {
     pub stay: bool,
     #[arg(long, env = "NVIDIA_INSTALLER_BUCKET")]
     pub bucket: Option<String>,
-    #[arg(long, env = "NVIDIA_INSTALLER_S3_ENDPOINT")]
-    pub s3_endpoint: Option<String>,
-    #[arg(long, env = "AWS_REGION")]
-    pub region: Option<String>,
-    #[arg(long, env = "NVIDIA_INSTALLER_S3_CA_FILE")]
-    pub s3_ca_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub endpoint: S3Endpoint,
 }
 
 #[derive(Debug, Args)]
@@ -227,14 +223,8 @@ pub struct BundleArgs {
 pub struct S3Args {
     #[arg(long, env = "NVIDIA_INSTALLER_BUCKET")]
     pub bucket: String,
-    /// Endpoint of an S3-compatible store (path-style addressing).
-    #[arg(long, env = "NVIDIA_INSTALLER_S3_ENDPOINT")]
-    pub s3_endpoint: Option<String>,
-    #[arg(long, env = "AWS_REGION")]
-    pub region: Option<String>,
-    /// Extra CA certificates (PEM) to trust for the endpoint.
-    #[arg(long, env = "NVIDIA_INSTALLER_S3_CA_FILE")]
-    pub s3_ca_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub endpoint: S3Endpoint,
     /// Bytes per ranged GET.
     #[arg(long, env = "NVIDIA_INSTALLER_PART_SIZE", default_value_t = 4 << 20)]
     pub part_size: u64,
@@ -243,16 +233,35 @@ pub struct S3Args {
     pub concurrency: usize,
 }
 
-impl S3Args {
-    pub fn options(&self) -> S3Options {
+/// Where the bucket is served and which CA to trust; shared by every command that talks to S3.
+#[derive(Debug, Clone, Args)]
+pub struct S3Endpoint {
+    /// Endpoint of an S3-compatible store (path-style addressing).
+    #[arg(long, env = "NVIDIA_INSTALLER_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    #[arg(long, env = "AWS_REGION")]
+    pub region: Option<String>,
+    /// Extra CA certificates (PEM) to trust for the endpoint.
+    #[arg(long, env = "NVIDIA_INSTALLER_S3_CA_FILE")]
+    pub s3_ca_file: Option<PathBuf>,
+}
+
+impl S3Endpoint {
+    pub fn options(&self, bucket: &str) -> S3Options {
         S3Options {
-            bucket: self.bucket.clone(),
+            bucket: bucket.to_owned(),
             endpoint: self.s3_endpoint.clone().filter(|s| !s.is_empty()),
             region: self.region.clone().filter(|s| !s.is_empty()),
             ca_file: self.s3_ca_file.clone(),
             access_key_id: None,
             secret_access_key: None,
         }
+    }
+}
+
+impl S3Args {
+    pub fn options(&self) -> S3Options {
+        self.endpoint.options(&self.bucket)
     }
 
     pub fn transfer(&self) -> Transfer {

@@ -153,14 +153,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 let gardenlinux =
                     request.gardenlinux_version.clone().context("--publish needs --gardenlinux-version")?;
                 let bucket = args.bucket.clone().filter(|b| !b.is_empty()).context("--publish needs --bucket")?;
-                let options = s3::S3Options {
-                    bucket: bucket.clone(),
-                    endpoint: args.s3_endpoint.clone().filter(|s| !s.is_empty()),
-                    region: args.region.clone().filter(|s| !s.is_empty()),
-                    ca_file: args.s3_ca_file.clone(),
-                    access_key_id: None,
-                    secret_access_key: None,
-                };
+                let options = args.endpoint.options(&bucket);
                 let client = s3::client(&options).await?;
                 let published =
                     publish::publish(&client, &bucket, &request.output, &gardenlinux, args.force, &Default::default())
