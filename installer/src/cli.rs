@@ -311,6 +311,10 @@ pub struct InstallArgs {
     pub patches: Option<PathBuf>,
     #[arg(long, env = "NVIDIA_DRIVER_FLAVOR", value_enum, default_value = "auto")]
     pub flavor: crate::compile::Flavor,
+    /// Stage for real, then print the kernel operations install would perform, in order, without
+    /// performing them (no module loaded, no device node, no ready marker, no node update).
+    #[arg(long, env = "NVIDIA_INSTALLER_DRY_RUN")]
+    pub dry_run: bool,
 }
 
 impl InstallArgs {

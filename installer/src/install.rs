@@ -11,7 +11,6 @@ use tracing::{info, warn};
 use crate::kernel::{self, Kernel};
 use crate::layout::Layout;
 use crate::lock::HostLock;
-use crate::manifest::Manifest;
 use crate::node::{Report, Reporter};
 use crate::ready::{self, LastError, ReadyMarker};
 use crate::stage::{self, StageRequest, Staged};
@@ -126,8 +125,9 @@ async fn install_locked(layout: &Layout, request: &InstallRequest, kernel: &dyn 
     if ready::read_marker(layout).is_some_and(|m| &m.driver_version != wanted || &m.kernel_release != kernel_release) {
         ready::remove_marker(layout)?;
     }
-    let mut loader = Loader { layout, kernel, kernel_release, loaded_now: Vec::new() };
-    if let Err(error) = loader.load_all(&staged, &request.modules) {
+    let plan = plan_loads(layout, kernel_release, &staged, &request.modules)?;
+    let mut loader = Loader { layout, kernel, loaded_now: Vec::new() };
+    if let Err(error) = loader.load_all(&plan) {
         loader.roll_back();
         return Err(error);
     }
@@ -146,6 +146,73 @@ async fn install_locked(layout: &Layout, request: &InstallRequest, kernel: &dyn 
     Ok(marker)
 }
 
+/// What `install` would do on this host, in order, without doing it (`install --dry-run`).
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub staged: Staged,
+    pub modules: Vec<ModuleLoad>,
+    /// `mknod` operations, described: the major comes from `/proc/devices` once the module loaded.
+    pub device_nodes: Vec<String>,
+    /// The bundle's `nvidia-smi` and its library directory, as host paths.
+    pub smi: (String, String),
+    pub marker: PathBuf,
+}
+
+/// Stage for real (download, verify, extract, switch `current`), then plan the kernel steps
+/// without performing them: no module is loaded, no device node made, no marker written.
+pub async fn dry_run(layout: &Layout, request: &InstallRequest) -> Result<Plan> {
+    let _lock = HostLock::acquire(layout).await?;
+    let wanted = &request.stage.driver_version;
+    let staged = stage::stage_locked(layout, &request.stage).await?;
+    if let Some(loaded) = staged.held_back_by.clone().or_else(|| crate::status::loaded_version(layout))
+        && &loaded != wanted
+    {
+        return Err(Error::OtherVersionLoaded { loaded, wanted: wanted.clone() });
+    }
+    let modules = plan_loads(layout, &request.stage.kernel_release, &staged, &request.modules)?;
+    let dev = layout.host("/dev");
+    let device_nodes = node_specs(&request.modules)
+        .into_iter()
+        .map(|spec| {
+            let (name, minor) = match spec.minor {
+                Some(minor) => (spec.name.to_owned(), minor.to_string()),
+                None => (format!("{}<N>", spec.name), "<N>, one per GPU in /proc/driver/nvidia/gpus".to_owned()),
+            };
+            format!("{} c <major of {:?} in /proc/devices> {minor}", in_host(layout, &dev.join(name)), spec.major_of[0])
+        })
+        .collect();
+    let smi = (in_host(layout, &staged.bundle.join("bin/nvidia-smi")), in_host(layout, &staged.bundle.join("lib")));
+    Ok(Plan { staged, modules, device_nodes, smi, marker: layout.ready() })
+}
+
+impl std::fmt::Display for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut step = 0;
+        let mut line = |f: &mut std::fmt::Formatter<'_>, text: String| {
+            step += 1;
+            writeln!(f, "{step:>3}. {text}")
+        };
+        for module in &self.modules {
+            let from = if module.in_tree { "the kernel's own modules" } else { "the bundle" };
+            if module.loaded {
+                line(f, format!("skip {}: already loaded", module.name))?;
+            } else {
+                line(f, format!("finit_module {} ({}, from {from})", module.path.display(), module.name))?;
+            }
+        }
+        for node in &self.device_nodes {
+            line(f, format!("mknod {node}, mode 0666"))?;
+        }
+        line(f, format!("run {} with LD_LIBRARY_PATH={}; it must exit 0", self.smi.0, self.smi.1))?;
+        line(f, format!("write the ready marker {}", self.marker.display()))?;
+        line(f, "label the node driver-ready=true and driver-version, and record a DriverReady Event".to_owned())?;
+        writeln!(
+            f,
+            "On failure at any step: unload what this run loaded (newest first), remove the ready marker, label driver-ready=false."
+        )
+    }
+}
+
 /// Module names as the kernel lists them (`nvidia_uvm`).
 fn kernel_name(name: &str) -> String {
     name.replace('-', "_")
@@ -160,32 +227,66 @@ pub fn loaded_modules(layout: &Layout) -> BTreeSet<String> {
         .collect()
 }
 
-struct Loader<'a> {
-    layout: &'a Layout,
-    kernel: &'a dyn Kernel,
-    kernel_release: &'a str,
-    loaded_now: Vec<String>,
+/// One module the install loads, in the order it loads them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ModuleLoad {
+    /// The module's name as asked for (`nvidia-uvm`) or as the kernel lists it (`drm`).
+    pub name: String,
+    pub path: PathBuf,
+    /// From the kernel's own `/lib/modules`, not from the bundle.
+    pub in_tree: bool,
+    /// Already in `/proc/modules` when planned: nothing to do.
+    pub loaded: bool,
 }
 
-impl Loader<'_> {
-    fn load_all(&mut self, staged: &Staged, modules: &[String]) -> Result<()> {
-        let mut wanted: Vec<&str> = ORDER.iter().copied().filter(|m| modules.iter().any(|w| w == m)).collect();
-        for extra in modules.iter().filter(|m| !ORDER.contains(&m.as_str())) {
-            wanted.push(extra);
-        }
-        for name in wanted {
-            self.load_bundled(&staged.bundle, &staged.manifest, name)?;
-        }
-        Ok(())
+/// The modules to load, dependencies first: every `depends` of a bundled module, from the bundle
+/// when it has it, else the kernel's own modules through `modules.dep`. Reads files only.
+pub fn plan_loads(
+    layout: &Layout,
+    kernel_release: &str,
+    staged: &Staged,
+    modules: &[String],
+) -> Result<Vec<ModuleLoad>> {
+    let mut wanted: Vec<&str> = ORDER.iter().copied().filter(|m| modules.iter().any(|w| w == m)).collect();
+    for extra in modules.iter().filter(|m| !ORDER.contains(&m.as_str())) {
+        wanted.push(extra);
+    }
+    let mut planner = Planner { layout, kernel_release, staged, loaded: loaded_modules(layout), plan: Vec::new() };
+    for name in wanted {
+        planner.bundled(name)?;
+    }
+    Ok(planner.plan)
+}
+
+struct Planner<'a> {
+    layout: &'a Layout,
+    kernel_release: &'a str,
+    staged: &'a Staged,
+    loaded: BTreeSet<String>,
+    plan: Vec<ModuleLoad>,
+}
+
+impl Planner<'_> {
+    fn planned(&self, name: &str) -> bool {
+        self.plan.iter().any(|m| kernel_name(&m.name) == kernel_name(name))
     }
 
-    fn load_bundled(&mut self, bundle: &Path, manifest: &Manifest, name: &str) -> Result<()> {
-        if loaded_modules(self.layout).contains(&kernel_name(name)) {
-            info!(module = name, "already loaded");
+    fn push(&mut self, name: &str, path: PathBuf, in_tree: bool) {
+        let loaded = self.loaded.contains(&kernel_name(name));
+        self.plan.push(ModuleLoad { name: name.to_owned(), path, in_tree, loaded });
+    }
+
+    fn bundled(&mut self, name: &str) -> Result<()> {
+        if self.planned(name) {
             return Ok(());
         }
+        let (bundle, manifest) = (&self.staged.bundle, &self.staged.manifest);
         let entry = manifest.modules.iter().find(|m| m.name == name || kernel_name(&m.name) == kernel_name(name));
         let path = bundle.join(entry.map_or_else(|| format!("modules/{name}.ko"), |m| m.path.clone()));
+        if self.loaded.contains(&kernel_name(name)) {
+            self.push(name, path, false);
+            return Ok(());
+        }
         let fail = |reason: String| Error::Module { module: name.to_owned(), path: path.clone(), reason };
         if !path.is_file() {
             return Err(fail("not in the bundle".to_owned()));
@@ -196,26 +297,54 @@ impl Loader<'_> {
             return Err(fail(format!("built for kernel {built_for}, but this node runs {}", self.kernel_release)));
         }
         for dependency in &info.depends {
-            self.load_dependency(bundle, manifest, dependency)?;
+            self.dependency(dependency)?;
         }
-        self.load_file(name, &path)
+        self.push(name, path, false);
+        Ok(())
     }
 
     /// A dependency: from the bundle when it has it, else the kernel's own modules.
-    fn load_dependency(&mut self, bundle: &Path, manifest: &Manifest, name: &str) -> Result<()> {
-        if loaded_modules(self.layout).contains(&kernel_name(name)) {
+    fn dependency(&mut self, name: &str) -> Result<()> {
+        if self.planned(name) {
             return Ok(());
         }
+        let (bundle, manifest) = (&self.staged.bundle, &self.staged.manifest);
         if manifest.modules.iter().any(|m| kernel_name(&m.name) == kernel_name(name))
             || bundle.join(format!("modules/{name}.ko")).is_file()
         {
-            return self.load_bundled(bundle, manifest, name);
+            return self.bundled(name);
+        }
+        if self.loaded.contains(&kernel_name(name)) {
+            let path = self.layout.host(&format!("/lib/modules/{}", self.kernel_release));
+            self.push(name, path, true);
+            return Ok(());
         }
         let (path, depends) = in_tree(self.layout, self.kernel_release, name)?;
         for dependency in depends {
-            self.load_dependency(bundle, manifest, &dependency)?;
+            self.dependency(&dependency)?;
         }
-        self.load_file(name, &path)
+        self.push(name, path, true);
+        Ok(())
+    }
+}
+
+/// Loads a plan through the kernel seam, remembering what it loaded so a failure can undo it.
+struct Loader<'a> {
+    layout: &'a Layout,
+    kernel: &'a dyn Kernel,
+    loaded_now: Vec<String>,
+}
+
+impl Loader<'_> {
+    fn load_all(&mut self, plan: &[ModuleLoad]) -> Result<()> {
+        for module in plan {
+            if module.loaded || loaded_modules(self.layout).contains(&kernel_name(&module.name)) {
+                info!(module = %module.name, "already loaded");
+                continue;
+            }
+            self.load_file(&module.name, &module.path)?;
+        }
+        Ok(())
     }
 
     fn load_file(&mut self, name: &str, path: &Path) -> Result<()> {
@@ -300,32 +429,54 @@ pub fn char_majors(layout: &Layout) -> Result<Vec<(u64, String)>> {
     Ok(majors)
 }
 
+/// A device node the install makes: its name under `/dev`, the `/proc/devices` names its major
+/// is read from, and its minor (`None`: one node per GPU, minor = the GPU's index).
+struct NodeSpec {
+    name: &'static str,
+    major_of: &'static [&'static str],
+    minor: Option<u64>,
+}
+
+const FRONTEND: &[&str] = &["nvidia-frontend", "nvidia"];
+const UVM: &[&str] = &["nvidia-uvm"];
+
 /// `/dev/nvidia<N>` per GPU, `nvidiactl`, and the nodes of the loaded helper modules.
+fn node_specs(modules: &[String]) -> Vec<NodeSpec> {
+    let mut specs = vec![
+        NodeSpec { name: "nvidia", major_of: FRONTEND, minor: None },
+        NodeSpec { name: "nvidiactl", major_of: FRONTEND, minor: Some(255) },
+    ];
+    if modules.iter().any(|m| m == "nvidia-modeset") {
+        specs.push(NodeSpec { name: "nvidia-modeset", major_of: FRONTEND, minor: Some(254) });
+    }
+    if modules.iter().any(|m| m == "nvidia-uvm") {
+        specs.push(NodeSpec { name: "nvidia-uvm", major_of: UVM, minor: Some(0) });
+        specs.push(NodeSpec { name: "nvidia-uvm-tools", major_of: UVM, minor: Some(1) });
+    }
+    specs
+}
+
 fn make_device_nodes(layout: &Layout, kernel: &dyn Kernel, modules: &[String]) -> Result<()> {
     let majors = char_majors(layout)?;
-    let major = |names: &[&str]| majors.iter().find(|(_, n)| names.contains(&n.as_str())).map(|(m, _)| *m);
     let devices = layout.host("/proc/devices");
-    let frontend = major(&["nvidia-frontend", "nvidia"]).ok_or_else(|| Error::Device {
-        path: devices.clone(),
-        reason: "no nvidia major number: the nvidia module is not registered".to_owned(),
-    })?;
+    let major = |names: &[&str]| -> Result<u64> {
+        majors.iter().find(|(_, n)| names.contains(&n.as_str())).map(|(m, _)| *m).ok_or_else(|| Error::Device {
+            path: devices.clone(),
+            reason: format!("no {} major number: the module is not registered", names[0]),
+        })
+    };
     let gpus_dir = layout.host("/proc/driver/nvidia/gpus");
     let gpus = std::fs::read_dir(&gpus_dir).map(|d| d.count() as u64).unwrap_or(0);
     if gpus == 0 {
         return Err(Error::Device { path: gpus_dir, reason: "the driver lists no GPUs".to_owned() });
     }
-    let mut nodes: Vec<(String, u64, u64)> = (0..gpus).map(|i| (format!("nvidia{i}"), frontend, i)).collect();
-    nodes.push(("nvidiactl".to_owned(), frontend, 255));
-    if modules.iter().any(|m| m == "nvidia-modeset") {
-        nodes.push(("nvidia-modeset".to_owned(), frontend, 254));
-    }
-    if modules.iter().any(|m| m == "nvidia-uvm") {
-        let uvm = major(&["nvidia-uvm"]).ok_or_else(|| Error::Device {
-            path: devices.clone(),
-            reason: "nvidia-uvm is loaded but has no major number".to_owned(),
-        })?;
-        nodes.push(("nvidia-uvm".to_owned(), uvm, 0));
-        nodes.push(("nvidia-uvm-tools".to_owned(), uvm, 1));
+    let mut nodes: Vec<(String, u64, u64)> = Vec::new();
+    for spec in node_specs(modules) {
+        let major = major(spec.major_of)?;
+        match spec.minor {
+            Some(minor) => nodes.push((spec.name.to_owned(), major, minor)),
+            None => nodes.extend((0..gpus).map(|i| (format!("{}{i}", spec.name), major, i))),
+        }
     }
     let dev = layout.host("/dev");
     for (name, major, minor) in nodes {
@@ -347,11 +498,14 @@ fn make_device_nodes(layout: &Layout, kernel: &dyn Kernel, modules: &[String]) -
     Ok(())
 }
 
+/// A path of the host as the host sees it (without the host root).
+fn in_host(layout: &Layout, path: &Path) -> String {
+    let relative = path.strip_prefix(layout.host_root()).unwrap_or(path);
+    format!("/{}", relative.display())
+}
+
 fn run_smi(layout: &Layout, kernel: &dyn Kernel, staged: &Staged) -> Result<()> {
-    let in_host = |path: &Path| -> String {
-        let relative = path.strip_prefix(layout.host_root()).unwrap_or(path);
-        format!("/{}", relative.display())
-    };
+    let in_host = |path: &Path| in_host(layout, path);
     let smi = staged.bundle.join("bin/nvidia-smi");
     if !smi.is_file() {
         return Err(Error::Smi { path: smi, reason: "not in the bundle".to_owned() });

@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::Parser;
 use nvidia_installer::cli::{Cli, Command, LogFormat, stage_request};
 use nvidia_installer::fifo::{self, Pipes};
-use nvidia_installer::install::{InstallRequest, install};
+use nvidia_installer::install::{self, InstallRequest};
 use nvidia_installer::kernel::HostKernel;
 use nvidia_installer::manifest::ArchiveEntry;
 use nvidia_installer::node::Reporter;
@@ -64,9 +64,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let compile = args.compile_request(&stage)?;
             let request = InstallRequest { stage, modules: args.modules.clone(), compile };
             let layout = args.stage.host.layout();
+            if args.dry_run {
+                let plan = install::dry_run(&layout, &request).await?;
+                println!("staged {}", plan.staged.bundle.display());
+                println!("dry run: install would now perform, in this order (nothing below was done):");
+                print!("{plan}");
+                return Ok(());
+            }
             let reporter = Reporter::for_node(args.node_name.as_deref()).await?;
             let kernel = HostKernel { host_root: args.stage.host.host_root.clone() };
-            let marker = install(&layout, &request, &kernel, &reporter).await?;
+            let marker = install::install(&layout, &request, &kernel, &reporter).await?;
             println!("NVIDIA driver {} ready for kernel {}", marker.driver_version, marker.kernel_release);
         }
         Command::Wait(args) => {

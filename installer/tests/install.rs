@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use common::*;
 use integration_tests::s3::S3Server;
 use nvidia_installer::Error;
-use nvidia_installer::install::{InstallRequest, install};
+use nvidia_installer::install::{InstallRequest, dry_run, install};
 use nvidia_installer::node::Reporter;
 use nvidia_installer::ready::{self, Readiness};
 
@@ -184,6 +184,12 @@ async fn in_tree_dependencies_are_loaded_first_from_the_kernel() {
     let kernel = SimKernel::new(host_dir.path());
     let request =
         InstallRequest { stage: request(&server, KERNEL, DRIVER), modules: modules(&["nvidia"]), compile: None };
+    // The dry run plans the same order and touches nothing.
+    let plan = dry_run(&layout, &request).await.expect("dry run");
+    let planned: Vec<(&str, bool)> = plan.modules.iter().map(|m| (m.name.as_str(), m.in_tree)).collect();
+    assert_eq!(planned, vec![("drm_panel_orientation_quirks", true), ("drm", true), ("nvidia", false)]);
+    assert_eq!(plan.modules[1].path, drm.join("drm.ko"));
+    assert!(kernel.calls().is_empty());
     install(&layout, &request, &kernel, &Reporter::Log).await.expect("install");
     let loads: Vec<Call> = kernel.calls().into_iter().filter(|c| matches!(c, Call::Load(_))).collect();
     assert_eq!(
@@ -234,4 +240,49 @@ async fn allow_compilation_builds_here_when_the_bucket_has_no_bundle() {
     assert_eq!(marker.driver_version, DRIVER);
     assert!(layout.current().join("modules/nvidia.ko").is_file());
     assert_eq!(kernel.calls()[0], Call::Load("nvidia".into()));
+}
+
+#[tokio::test]
+async fn dry_run_stages_and_lists_every_kernel_operation_without_performing_any() {
+    let (server, _work) = setup().await;
+    let host_dir = tempfile::tempdir().expect("host");
+    let layout = host(host_dir.path());
+    let request = InstallRequest {
+        stage: request(&server, KERNEL, DRIVER),
+        modules: modules(&["nvidia", "nvidia-uvm", "nvidia-modeset"]),
+        compile: None,
+    };
+    let plan = dry_run(&layout, &request).await.expect("dry run");
+    assert!(layout.current().join("bin/nvidia-smi").is_file(), "staging is real");
+    let bundle = layout.bundle(KERNEL, DRIVER);
+    let loads: Vec<_> = plan.modules.iter().map(|m| (m.name.as_str(), m.path.clone(), m.loaded)).collect();
+    assert_eq!(
+        loads,
+        vec![
+            ("nvidia", bundle.join("modules/nvidia.ko"), false),
+            ("nvidia-uvm", bundle.join("modules/nvidia-uvm.ko"), false),
+            ("nvidia-modeset", bundle.join("modules/nvidia-modeset.ko"), false),
+        ]
+    );
+    let text = plan.to_string();
+    let host_bundle = format!("/opt/nvidia-installer/cache/{KERNEL}/{DRIVER}");
+    for expected in [
+        format!("  1. finit_module {} (nvidia, from the bundle)", bundle.join("modules/nvidia.ko").display()),
+        "mknod /dev/nvidia<N> c <major of \"nvidia-frontend\" in /proc/devices> <N>, one per GPU".to_owned(),
+        "mknod /dev/nvidiactl c <major of \"nvidia-frontend\" in /proc/devices> 255".to_owned(),
+        "mknod /dev/nvidia-uvm-tools c <major of \"nvidia-uvm\" in /proc/devices> 1".to_owned(),
+        format!("run {host_bundle}/bin/nvidia-smi with LD_LIBRARY_PATH={host_bundle}/lib"),
+        format!("write the ready marker {}", layout.ready().display()),
+    ] {
+        assert!(text.contains(&expected), "{expected:?} missing from:\n{text}");
+    }
+    assert!(!layout.ready().exists(), "a dry run marks nothing ready");
+    assert_eq!(std::fs::read_dir(host_dir.path().join("dev")).expect("dev").count(), 0, "no device node made");
+
+    // Once the driver is loaded, the plan says so instead of loading it again.
+    let kernel = SimKernel::new(host_dir.path());
+    install(&layout, &request, &kernel, &Reporter::Log).await.expect("install");
+    let plan = dry_run(&layout, &request).await.expect("dry run after install");
+    assert!(plan.modules.iter().all(|m| m.loaded), "{:?}", plan.modules);
+    assert!(plan.to_string().contains("  1. skip nvidia: already loaded"), "{plan}");
 }

@@ -1,3 +1,4 @@
 //! Support for the workspace's integration tests and benchmarks: real servers on loopback.
 
+pub mod kernel;
 pub mod s3;

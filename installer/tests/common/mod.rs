@@ -3,14 +3,12 @@
 
 #![allow(dead_code)]
 
-use std::io;
 use std::path::{Path, PathBuf};
-use std::process::Output;
-use std::sync::Mutex;
 
+#[allow(unused_imports)]
+pub use integration_tests::kernel::{Call, SimKernel};
 use integration_tests::s3::S3Server;
 use nvidia_installer::archive::Limits;
-use nvidia_installer::kernel::Kernel;
 use nvidia_installer::layout::Layout;
 use nvidia_installer::manifest::Manifest;
 use nvidia_installer::pack::{self, BundleInfo};
@@ -128,110 +126,4 @@ pub fn host(dir: &Path) -> Layout {
         .expect("devices");
     std::fs::create_dir_all(dir.join("dev")).expect("dev");
     layout
-}
-
-/// One request to the kernel seam.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Call {
-    Load(String),
-    Unload(String),
-    Mknod(String, u64, u64),
-    Run(String),
-}
-
-/// Records every request and simulates its effect under the host root, as the kernel would show
-/// it in /proc and /sys. `fail` makes the load of that module fail with that errno.
-#[derive(Debug)]
-pub struct SimKernel {
-    pub root: PathBuf,
-    pub calls: Mutex<Vec<Call>>,
-    pub fail: Option<(String, i32)>,
-    pub gpus: usize,
-}
-
-impl SimKernel {
-    pub fn new(root: &Path) -> Self {
-        Self { root: root.to_owned(), calls: Mutex::new(Vec::new()), fail: None, gpus: 2 }
-    }
-
-    pub fn calls(&self) -> Vec<Call> {
-        self.calls.lock().expect("calls").clone()
-    }
-
-    fn append(&self, path: &str, line: &str) {
-        let path = self.root.join(path);
-        let mut text = std::fs::read_to_string(&path).unwrap_or_default();
-        if path.ends_with("devices") {
-            text = text.replacen("\nBlock devices:", &format!("{line}\n\nBlock devices:"), 1).replace("\n\n\n", "\n\n");
-        } else {
-            text.push_str(line);
-            text.push('\n');
-        }
-        std::fs::write(path, text).expect("write sim file");
-    }
-}
-
-impl Kernel for SimKernel {
-    fn load(&self, module: &Path, _params: &str) -> io::Result<()> {
-        let name = module
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default()
-            .split(".ko")
-            .next()
-            .unwrap_or_default()
-            .replace('-', "_");
-        self.calls.lock().expect("calls").push(Call::Load(name.clone()));
-        if let Some((failing, errno)) = &self.fail
-            && *failing == name
-        {
-            return Err(io::Error::from_raw_os_error(*errno));
-        }
-        self.append("proc/modules", &format!("{name} 1000 0 - Live 0x0000000000000000"));
-        if name == "nvidia" {
-            let version = module
-                .parent()
-                .and_then(Path::parent)
-                .and_then(|b| b.file_name())
-                .and_then(|n| n.to_str())
-                .unwrap_or_default()
-                .to_owned();
-            std::fs::create_dir_all(self.root.join("sys/module/nvidia")).expect("sys");
-            std::fs::write(self.root.join("sys/module/nvidia/version"), format!("{version}\n")).expect("version");
-            self.append("proc/devices", "195 nvidia-frontend");
-            for gpu in 0..self.gpus {
-                std::fs::create_dir_all(
-                    self.root.join(format!("proc/driver/nvidia/gpus/0000:00:{:02x}.0", 0x1e + gpu)),
-                )
-                .expect("gpus");
-            }
-        }
-        if name == "nvidia_uvm" {
-            self.append("proc/devices", "511 nvidia-uvm");
-        }
-        Ok(())
-    }
-
-    fn unload(&self, name: &str) -> io::Result<()> {
-        self.calls.lock().expect("calls").push(Call::Unload(name.to_owned()));
-        let path = self.root.join("proc/modules");
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        let kept: String =
-            text.lines().filter(|l| !l.starts_with(&format!("{name} "))).map(|l| format!("{l}\n")).collect();
-        std::fs::write(path, kept)
-    }
-
-    fn mknod(&self, path: &Path, major: u64, minor: u64) -> io::Result<()> {
-        let relative = path.strip_prefix(&self.root).unwrap_or(path).display().to_string();
-        self.calls.lock().expect("calls").push(Call::Mknod(relative, major, minor));
-        std::fs::write(path, format!("c {major}:{minor}\n"))
-    }
-
-    fn run(&self, program: &str, args: &[&str], library_dir: &str) -> io::Result<Output> {
-        self.calls.lock().expect("calls").push(Call::Run(program.to_owned()));
-        std::process::Command::new(self.root.join(program.trim_start_matches('/')))
-            .args(args)
-            .env("LD_LIBRARY_PATH", self.root.join(library_dir.trim_start_matches('/')))
-            .output()
-    }
 }
