@@ -236,53 +236,14 @@ fn a_failing_build_reports_the_compilers_first_error() {
 
 // ---- the real thing: Debian's NVIDIA open kernel module sources and kernel headers ----
 
-const SOURCES: &str = "/usr/src/nvidia-open-kernel.tar.xz";
-
-fn real_userspace() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/nvidia-userspace");
-    assert!(dir.join("bin/nvidia-smi").is_file(), "{} missing: run scripts/test-deps", dir.display());
-    dir
-}
-
-fn cloud_612_headers() -> Option<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/src")
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("linux-headers-6.12.") && n.ends_with("-cloud-amd64"))
-        })
-        .collect();
-    found.sort();
-    found.pop()
-}
-
-fn compile(headers: &Path, patches: Option<&Path>, out: &Path) -> std::process::Output {
-    let mut command = bin();
-    command
-        .arg("compile")
-        .args(["--driver-source", SOURCES, "--flavor", "open", "--gardenlinux-version", GARDENLINUX])
-        .arg("--kernel-headers")
-        .arg(headers)
-        .arg("--userspace")
-        .arg(real_userspace())
-        .arg("--output")
-        .arg(out);
-    if let Some(patches) = patches {
-        command.arg("--patches").arg(patches);
-    }
-    command.output().expect("compile")
-}
-
 #[tokio::test]
 #[ignore = "slow (about 4 minutes on 2 cores); needs nvidia-open-kernel-source and linux-headers-6.1.0-47-amd64 (scripts/test-deps installs them)"]
 async fn real_open_modules_for_debian_6_1_publish_and_stage() {
     let dir = tempfile::tempdir().expect("dir");
     let out = dir.path().join("bundle.tar.zst");
-    let output = compile(Path::new("/usr/src/linux-headers-6.1.0-47-amd64"), None, &out);
+    let output = compile_real(Path::new("/usr/src/linux-headers-6.1.0-47-amd64"), None, &out);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    keep_real_bundle(&out, KERNEL);
     let manifest = nvidia_installer::pack::read_inner_manifest(&out).expect("bundle");
     assert_eq!(manifest.driver_version, DRIVER);
     assert_eq!(manifest.kernel_release, KERNEL);
@@ -336,7 +297,7 @@ fn the_6_12_cloud_kernel_needs_the_patch_and_builds_with_it() {
     let headers = cloud_612_headers().expect("linux-headers-6.12.*-cloud-amd64 under /usr/src: run scripts/test-deps");
     let dir = tempfile::tempdir().expect("dir");
     let out = dir.path().join("bundle.tar.zst");
-    let output = compile(&headers, None, &out);
+    let output = compile_real(&headers, None, &out);
     assert!(!output.status.success(), "6.12 builds without the patch?");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -347,12 +308,12 @@ fn the_6_12_cloud_kernel_needs_the_patch_and_builds_with_it() {
     );
     assert!(stderr.contains("full log:"), "{stderr}");
 
-    let patches = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/patches/6.12");
-    let output = compile(&headers, Some(&patches), &out);
+    let output = compile_real(&headers, Some(&patches_612()), &out);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let manifest = nvidia_installer::pack::read_inner_manifest(&out).expect("bundle");
     let release =
         headers.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("linux-headers-")).expect("release");
+    keep_real_bundle(&out, release);
     assert!(manifest.modules.iter().all(|m| m.vermagic.starts_with(&format!("{release} "))), "{:?}", manifest.modules);
 }
 

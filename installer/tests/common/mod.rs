@@ -127,3 +127,67 @@ pub fn host(dir: &Path) -> Layout {
     std::fs::create_dir_all(dir.join("dev")).expect("dev");
     layout
 }
+
+/// Debian's NVIDIA open kernel module sources (nvidia-open-kernel-source).
+pub const REAL_SOURCES: &str = "/usr/src/nvidia-open-kernel.tar.xz";
+
+/// Debian's NVIDIA user space, unpacked by scripts/test-deps.
+pub fn real_userspace() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/nvidia-userspace");
+    assert!(dir.join("bin/nvidia-smi").is_file(), "{} missing: run scripts/test-deps", dir.display());
+    dir
+}
+
+/// The newest 6.12 cloud kernel headers under /usr/src.
+pub fn cloud_612_headers() -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/src")
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("linux-headers-6.12.") && n.ends_with("-cloud-amd64"))
+        })
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// The patch the open modules need to build against 6.12.
+pub fn patches_612() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/patches/6.12")
+}
+
+/// `nvidia-installer compile` of the real open modules against `headers`.
+pub fn compile_real(headers: &Path, patches: Option<&Path>, out: &Path) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_nvidia-installer"));
+    command
+        .env("RUST_LOG", "info")
+        .arg("compile")
+        .args(["--driver-source", REAL_SOURCES, "--flavor", "open", "--gardenlinux-version", GARDENLINUX])
+        .arg("--kernel-headers")
+        .arg(headers)
+        .arg("--userspace")
+        .arg(real_userspace())
+        .arg("--output")
+        .arg(out);
+    if let Some(patches) = patches {
+        command.arg("--patches").arg(patches);
+    }
+    command.output().expect("compile")
+}
+
+/// Where the real compile tests leave the bundle they built for `kernel`, so that the test that
+/// boots that kernel need not build it again (it builds it itself when the file is missing).
+pub fn real_bundle_path(kernel: &str) -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("real-bundles").join(format!("nvidia-{DRIVER}-{kernel}.tar.zst"))
+}
+
+pub fn keep_real_bundle(bundle: &Path, kernel: &str) {
+    let kept = real_bundle_path(kernel);
+    std::fs::create_dir_all(kept.parent().expect("parent")).expect("real-bundles dir");
+    let partial = kept.with_extension("partial");
+    std::fs::copy(bundle, &partial).expect("keeping the real bundle");
+    std::fs::rename(&partial, &kept).expect("keeping the real bundle");
+}

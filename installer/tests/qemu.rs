@@ -1,0 +1,395 @@
+//! Module loading on real kernels. Debian's 6.1 and 6.12 cloud kernels boot in QEMU (software
+//! emulation: no KVM needed) into an initramfs holding a statically linked `nvidia-installer`, a
+//! static busybox, the kernel's own `modules.dep` with the in-tree modules the driver needs, and a
+//! host cache that the real `stage` filled from the loopback S3 server with two bundles:
+//!  - the real NVIDIA open modules that `compile` built for that kernel: the guest has no GPU, so
+//!    `install` must load the in-tree dependencies itself, fail with a clear "no GPU" error, leave
+//!    no ready marker and no module loaded (its in-tree dependencies included);
+//!  - a tiny stand-in driver built from `tests/fixtures/kmod` against the same headers, which
+//!    loads: dependency order, device nodes from `/proc/devices`, `nvidia-smi`, the ready marker,
+//!    "already loaded" on a second run, and a clear refusal to install another version over it.
+//!
+//! Slow (a real build of the open modules when the compile tests have not left one, and two
+//! emulated boots): ignored by default, run in CI with `--include-ignored`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use common::*;
+use integration_tests::s3::S3Server;
+use nvidia_installer::pack::{self, BundleInfo};
+
+/// The stand-in's driver version (its MODULE_VERSION, so install sees it as loaded).
+const STAND_IN: &str = "0.0.1";
+/// One guest at a time: the emulation is CPU-bound.
+static ONE_GUEST: Mutex<()> = Mutex::new(());
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The statically linked installer, built by scripts/test before the tests run.
+fn static_installer() -> PathBuf {
+    let path = std::env::var_os("NVIDIA_INSTALLER_STATIC").map(PathBuf::from).unwrap_or_else(|| {
+        let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace().join("target"), PathBuf::from);
+        target.join("x86_64-unknown-linux-gnu/debug/nvidia-installer")
+    });
+    assert!(
+        path.is_file(),
+        "{} missing: scripts/test builds it (RUSTFLAGS='-C target-feature=+crt-static' cargo build -p nvidia-installer --target x86_64-unknown-linux-gnu)",
+        path.display()
+    );
+    let output = Command::new("ldd").arg(&path).output().expect("ldd");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    assert!(
+        text.contains("not a dynamic executable") || text.contains("statically linked"),
+        "{}: {text}",
+        path.display()
+    );
+    path
+}
+
+/// The kernel image and its modules, unpacked by scripts/test-deps.
+struct Guest {
+    release: String,
+    vmlinuz: PathBuf,
+    modules: PathBuf,
+    headers: PathBuf,
+}
+
+impl Guest {
+    fn new(release: &str) -> Self {
+        let base = workspace().join(".cache/kernels").join(release);
+        let guest = Self {
+            release: release.to_owned(),
+            vmlinuz: base.join(format!("boot/vmlinuz-{release}")),
+            modules: base.join(format!("lib/modules/{release}")),
+            headers: PathBuf::from(format!("/usr/src/linux-headers-{release}")),
+        };
+        for path in [&guest.vmlinuz, &guest.modules.join("modules.dep"), &guest.headers] {
+            assert!(path.exists(), "{} missing: run scripts/test-deps", path.display());
+        }
+        guest
+    }
+}
+
+fn run(command: &mut Command) -> String {
+    let output = command.output().unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The real open modules for this kernel: the bundle the compile tests left, else built here.
+fn real_bundle(guest: &Guest, work: &Path) -> PathBuf {
+    let kept = real_bundle_path(&guest.release);
+    if kept.is_file() {
+        return kept;
+    }
+    let out = work.join("real.tar.zst");
+    let patches = guest.release.starts_with("6.12.").then(patches_612);
+    let output = compile_real(&guest.headers, patches.as_deref(), &out);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    keep_real_bundle(&out, &guest.release);
+    out
+}
+
+/// The stand-in driver: `tests/fixtures/kmod` built against the guest's headers, packed as a bundle.
+fn stand_in_bundle(guest: &Guest, work: &Path) -> PathBuf {
+    let src = work.join("kmod");
+    std::fs::create_dir_all(&src).expect("kmod dir");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kmod");
+    for entry in std::fs::read_dir(&fixtures).expect("kmod fixtures").flatten() {
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), src.join(entry.file_name())).expect("copy kmod source");
+        }
+    }
+    run(Command::new("make")
+        .arg("-C")
+        .arg(&guest.headers)
+        .arg(format!("M={}", src.display()))
+        .arg(format!("NV_TEST_VERSION={STAND_IN}"))
+        .arg("modules"));
+
+    let dir = work.join("stand-in");
+    for sub in ["bin", "lib", "modules"] {
+        std::fs::create_dir_all(dir.join(sub)).expect("bundle dir");
+    }
+    for module in ["nvidia", "nvidia-uvm", "nvidia-modeset"] {
+        std::fs::copy(src.join(format!("{module}.ko")), dir.join(format!("modules/{module}.ko"))).expect("module");
+    }
+    let smi = dir.join("bin/nvidia-smi");
+    std::fs::write(
+        &smi,
+        "#!/bin/sh\n[ -c /dev/nvidiactl ] && [ -c /dev/nvidia0 ] || { echo 'no /dev/nvidiactl or /dev/nvidia0' >&2; exit 9; }\necho \"NVIDIA-SMI stand-in: driver $(cat /sys/module/nvidia/version), $(ls /proc/driver/nvidia/gpus | wc -l) GPU\"\n",
+    )
+    .expect("smi");
+    std::fs::set_permissions(&smi, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    std::fs::write(dir.join(format!("lib/libnvidia-ml.so.{STAND_IN}")), b"stand-in").expect("lib");
+    std::os::unix::fs::symlink(format!("libnvidia-ml.so.{STAND_IN}"), dir.join("lib/libnvidia-ml.so.1")).expect("link");
+    let info = BundleInfo {
+        driver_version: STAND_IN.to_owned(),
+        kernel_release: guest.release.clone(),
+        flavor: "open".to_owned(),
+        gardenlinux_version: Some(GARDENLINUX.to_owned()),
+    };
+    let manifest = pack::describe(&dir, &info).expect("describe the stand-in");
+    let out = work.join("stand-in.tar.zst");
+    pack::pack(&dir, &manifest, &out, 3).expect("pack the stand-in");
+    out
+}
+
+/// The in-tree modules `name` needs, itself included, as `modules.dep` lists them.
+fn in_tree_closure(modules: &Path, name: &str) -> Vec<String> {
+    let dep = std::fs::read_to_string(modules.join("modules.dep")).expect("modules.dep");
+    let module_of =
+        |path: &str| path.rsplit('/').next().unwrap_or(path).split(".ko").next().unwrap_or(path).replace('-', "_");
+    dep.lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(path, _)| module_of(path) == name)
+        .map(|(path, deps)| std::iter::once(path).chain(deps.split_whitespace()).map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+const INIT: &str = r#"#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+echo 1 > /proc/sys/kernel/printk
+dmesg -c > /dev/null
+echo
+step() { name=$1; shift; echo "@@NVT BEGIN $name"; "$@" 2>&1; rc=$?; dmesg -c | sed 's/^/[kmsg] /'; echo "@@NVT END $name rc=$rc"; }
+state() {
+  echo "--- /proc/modules"; cut -d' ' -f1 /proc/modules
+  echo "--- /proc/devices"; sed -n '/^Character/,/^$/p' /proc/devices | grep nvidia
+  echo "--- /dev"; for d in /dev/nvidia*; do [ -c "$d" ] && echo "$d $(stat -c '%t %T' "$d")"; done
+  echo "--- ready"; cat /opt/nvidia-installer/ready 2>/dev/null && echo
+  true
+}
+install() { nvidia-installer install --bucket drivers --gardenlinux-version @GL@ --driver-version "$1"; }
+export RUST_LOG=info NO_COLOR=1
+step real install @REAL@
+step real-after state
+step stand-in install @STAND_IN@
+step stand-in-after state
+step stand-in-again install @STAND_IN@
+step wait nvidia-installer wait --timeout 5s --driver-version @STAND_IN@
+step other-version install @REAL@
+step other-after state
+echo "@@NVT DONE"
+poweroff -f
+"#;
+
+/// Boot the guest with everything in its initramfs and return each step's exit code and output.
+fn boot(guest: &Guest, work: &Path, bundles: &[(&str, &Path)]) -> BTreeMap<String, (i32, String)> {
+    let root = work.join("initramfs");
+    for dir in ["bin", "proc", "sys", "dev", "tmp"] {
+        std::fs::create_dir_all(root.join(dir)).expect("initramfs dir");
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox (busybox-static)");
+    for applet in run(Command::new("/bin/busybox").arg("--list")).lines() {
+        let link = root.join("bin").join(applet);
+        if !link.exists() {
+            std::os::unix::fs::symlink("busybox", link).expect("applet link");
+        }
+    }
+    run(Command::new("objcopy").arg("--strip-debug").arg(static_installer()).arg(root.join("bin/nvidia-installer")));
+    let init = INIT.replace("@GL@", GARDENLINUX).replace("@REAL@", DRIVER).replace("@STAND_IN@", STAND_IN);
+    std::fs::write(root.join("init"), init).expect("init");
+    std::fs::set_permissions(root.join("init"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+
+    // The kernel's own modules.dep and the in-tree modules the real driver depends on.
+    let modules = root.join(format!("lib/modules/{}", guest.release));
+    std::fs::create_dir_all(&modules).expect("modules dir");
+    std::fs::copy(guest.modules.join("modules.dep"), modules.join("modules.dep")).expect("modules.dep");
+    for path in in_tree_closure(&guest.modules, "drm") {
+        let to = modules.join(&path);
+        std::fs::create_dir_all(to.parent().expect("parent")).expect("module dir");
+        std::fs::copy(guest.modules.join(&path), to).expect("in-tree module");
+    }
+
+    // The host cache, filled by the real `stage` from the bucket.
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    for (driver, bundle) in bundles {
+        let client = tokio::runtime::Runtime::new().expect("runtime");
+        client.block_on(async {
+            let s3 = nvidia_installer::s3::client(&options(&server)).await.expect("client");
+            nvidia_installer::publish::publish(&s3, BUCKET, bundle, GARDENLINUX, false, &Default::default())
+                .await
+                .expect("publish");
+        });
+        run(Command::new(env!("CARGO_BIN_EXE_nvidia-installer"))
+            .args(["stage", "--bucket", BUCKET, "--gardenlinux-version", GARDENLINUX, "--driver-version", driver])
+            .args(["--kernel-release", &guest.release])
+            .arg("--host-root")
+            .arg(&root)
+            .envs(server.env()));
+    }
+
+    let cpio = work.join("initramfs.cpio");
+    let file = std::fs::File::create(&cpio).expect("cpio");
+    run(Command::new("sh")
+        .arg("-c")
+        .arg("find . | sort | cpio -o -H newc -R 0:0 --quiet")
+        .current_dir(&root)
+        .stdout(file));
+
+    let output = Command::new("timeout")
+        .args(["900", "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "1"])
+        .args(["-nographic", "-no-reboot", "-nic", "none", "-kernel"])
+        .arg(&guest.vmlinuz)
+        .arg("-initrd")
+        .arg(&cpio)
+        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .output()
+        .expect("qemu-system-x86_64 (qemu-system-x86)");
+    let console = String::from_utf8_lossy(&output.stdout).replace('\r', "");
+    assert!(console.contains("@@NVT DONE"), "the guest did not finish ({}):\n{console}", output.status);
+    steps(&console)
+}
+
+fn steps(console: &str) -> BTreeMap<String, (i32, String)> {
+    let mut steps = BTreeMap::new();
+    let mut current: Option<(String, String)> = None;
+    for line in console.lines() {
+        if let Some(name) = line.split("@@NVT BEGIN ").nth(1) {
+            current = Some((name.trim().to_owned(), String::new()));
+        } else if let Some(end) = line.split("@@NVT END ").nth(1) {
+            let (name, rc) = end.rsplit_once(" rc=").expect("END line");
+            let (_, text) = current.take().expect("END without BEGIN");
+            steps.insert(name.to_owned(), (rc.trim().parse().expect("rc"), text));
+        } else if let Some((_, text)) = current.as_mut() {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    steps
+}
+
+/// Lines of one section of the `state` step.
+fn section<'a>(state: &'a str, name: &str) -> Vec<&'a str> {
+    state
+        .split(&format!("--- {name}\n"))
+        .nth(1)
+        .map(|rest| rest.lines().take_while(|l| !l.starts_with("--- ")).filter(|l| !l.trim().is_empty()).collect())
+        .unwrap_or_default()
+}
+
+/// The module names in the order the installer logged loading them.
+fn loads(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("loading module"))
+        .filter_map(|l| l.split("module=").nth(1))
+        .map(|rest| rest.split_whitespace().next().unwrap_or_default().trim_matches('"').to_owned())
+        .collect()
+}
+
+fn boot_and_check(release: &str) {
+    let guest = Guest::new(release);
+    let work = tempfile::tempdir().expect("work");
+    let real = real_bundle(&guest, work.path());
+    let stand_in = stand_in_bundle(&guest, work.path());
+    let real_manifest = pack::read_inner_manifest(&real).expect("real bundle");
+    let nvidia = real_manifest.modules.iter().find(|m| m.name == "nvidia").expect("nvidia.ko");
+    let needs_drm = nvidia.depends.iter().any(|d| d == "drm");
+
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let steps = boot(&guest, work.path(), &[(DRIVER, &real), (STAND_IN, &stand_in)]);
+    let step = |name: &str| steps.get(name).unwrap_or_else(|| panic!("no step {name} in {steps:#?}"));
+
+    // The real driver on a machine with no GPU: in-tree dependencies loaded by the installer,
+    // a clear error, nothing left loaded, no marker.
+    let (rc, log) = step("real");
+    assert_ne!(*rc, 0, "{log}");
+    assert!(log.contains("the kernel found no NVIDIA GPU for it (No such device"), "{log}");
+    assert!(log.contains("NVRM: No NVIDIA GPU found"), "the kernel's own words are in dmesg: {log}");
+    if needs_drm {
+        assert_eq!(loads(log), vec!["drm", "nvidia"], "{log}");
+        assert!(log.contains("module=drm") && log.contains("unloaded after the failure"), "{log}");
+    } else {
+        assert_eq!(loads(log), vec!["nvidia"], "{log}");
+    }
+    let (_, after) = step("real-after");
+    assert!(section(after, "/proc/modules").is_empty(), "modules left loaded:\n{after}");
+    assert!(section(after, "ready").is_empty(), "a ready marker after a failure:\n{after}");
+
+    // The stand-in: loaded in dependency order, device nodes from /proc/devices, ready.
+    let (rc, log) = step("stand-in");
+    assert_eq!(*rc, 0, "{log}");
+    assert_eq!(loads(log), vec!["nvidia", "nvidia-uvm", "nvidia-modeset"], "{log}");
+    assert!(log.contains("NVIDIA-SMI stand-in: driver 0.0.1, 1 GPU"), "{log}");
+    let (_, after) = step("stand-in-after");
+    let mut loaded = section(after, "/proc/modules");
+    loaded.sort_unstable();
+    assert_eq!(loaded, vec!["nvidia", "nvidia_modeset", "nvidia_uvm"], "{after}");
+    let majors: BTreeMap<&str, u64> = section(after, "/proc/devices")
+        .into_iter()
+        .filter_map(|l| l.trim().split_once(' ').map(|(m, n)| (n, m.parse().expect("major"))))
+        .collect();
+    let frontend = majors["nvidia-frontend"];
+    let uvm = majors["nvidia-uvm"];
+    // `stat -c '%t %T'` prints major and minor in hex.
+    let nodes: BTreeMap<&str, (u64, u64)> = section(after, "/dev")
+        .into_iter()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let (path, major, minor) = (words.next()?, words.next()?, words.next()?);
+            Some((path, (u64::from_str_radix(major, 16).ok()?, u64::from_str_radix(minor, 16).ok()?)))
+        })
+        .collect();
+    let expected: BTreeMap<&str, (u64, u64)> = BTreeMap::from([
+        ("/dev/nvidia0", (frontend, 0)),
+        ("/dev/nvidiactl", (frontend, 255)),
+        ("/dev/nvidia-modeset", (frontend, 254)),
+        ("/dev/nvidia-uvm", (uvm, 0)),
+        ("/dev/nvidia-uvm-tools", (uvm, 1)),
+    ]);
+    assert_eq!(nodes, expected, "{after}");
+    let marker = section(after, "ready").join("\n");
+    assert!(marker.contains("\"driverVersion\": \"0.0.1\""), "{after}");
+
+    // Again: already loaded, nothing loaded twice.
+    let (rc, log) = step("stand-in-again");
+    assert_eq!(*rc, 0, "{log}");
+    assert!(loads(log).is_empty(), "{log}");
+    assert_eq!(log.matches("already loaded").count(), 3, "{log}");
+    let (rc, log) = step("wait");
+    assert_eq!(*rc, 0, "{log}");
+
+    // Another version over the loaded one: refused, the loaded driver keeps serving.
+    let (rc, log) = step("other-version");
+    assert_ne!(*rc, 0, "{log}");
+    assert!(
+        log.contains(&format!("NVIDIA driver {STAND_IN} is loaded on this node but {DRIVER} is to be installed")),
+        "{log}"
+    );
+    assert!(loads(log).is_empty(), "{log}");
+    let (_, after) = step("other-after");
+    assert_eq!(section(after, "/proc/modules").len(), 3, "{after}");
+}
+
+#[test]
+#[ignore = "slow: boots Debian's 6.1 kernel in QEMU (scripts/test-deps installs QEMU and the kernel; scripts/test builds the static installer)"]
+fn install_on_a_real_debian_6_1_kernel() {
+    boot_and_check("6.1.0-47-amd64");
+}
+
+#[test]
+#[ignore = "slow: boots Debian's 6.12 cloud kernel in QEMU (scripts/test-deps installs QEMU and the kernel; scripts/test builds the static installer)"]
+fn install_on_a_real_debian_6_12_cloud_kernel() {
+    let headers = cloud_612_headers().expect("linux-headers-6.12.*-cloud-amd64 under /usr/src: run scripts/test-deps");
+    let release =
+        headers.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("linux-headers-")).expect("release");
+    boot_and_check(release);
+}
