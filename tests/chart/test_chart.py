@@ -306,8 +306,7 @@ def test_service_accounts_hold_only_what_they_need(case: str) -> None:
         return
     installer = one(objs, "ClusterRole", "installer")
     assert installer["rules"] == [
-        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]},
-        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["patch"]},
         {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
     ]
     for plugin in find(objs, "DaemonSet", "device-plugin"):

@@ -306,7 +306,11 @@ fn stages() {
     use k8s_openapi::api::core::v1::Pod;
     let body = serde_json::to_vec(&fixture()).expect("json");
     let n = 20_000;
+    let only = std::env::var("NVIDIA_BENCH_STAGE").ok();
     let time = |name: &str, f: &mut dyn FnMut()| {
+        if only.as_deref().is_some_and(|only| name != only) {
+            return;
+        }
         let started = Instant::now();
         for _ in 0..n {
             f();
@@ -326,14 +330,28 @@ fn stages() {
     time("mutate", &mut || {
         std::hint::black_box(nvidia_webhook::mutate(&pod, &config).expect("mutate"));
     });
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    time("  of which: the wait container as JSON", &mut || {
+        let wait = nvidia_webhook::mutate::wait_container(&config, None, false);
+        std::hint::black_box(serde_json::to_value(&wait).expect("json"));
+    });
+    let review: kube::core::admission::AdmissionReview<Pod> = serde_json::from_slice(&body).expect("review");
+    let request = review.request.expect("request");
     let state = nvidia_webhook::admission::AppState::new(config.clone());
+    time("admit (mutate + patch encoding)", &mut || {
+        std::hint::black_box(nvidia_webhook::admission::admit(&state, &request));
+    });
+    let response = nvidia_webhook::admission::admit(&state, &request);
+    time("encode the response", &mut || {
+        std::hint::black_box(nvidia_webhook::admission::encode(response.clone()).expect("encode"));
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let bytes = Bytes::from(body.clone());
+    let router = nvidia_webhook::admission::router(state.clone());
     time("router: POST /mutate end to end", &mut || {
         runtime.block_on(async {
             use tower::ServiceExt;
             let request = hyper::Request::post("/mutate").body(axum::body::Body::from(bytes.clone())).expect("request");
-            let response = nvidia_webhook::admission::router(state.clone()).oneshot(request).await.expect("response");
+            let response = router.clone().oneshot(request).await.expect("response");
             std::hint::black_box(response.into_body().collect().await.expect("body"));
         })
     });

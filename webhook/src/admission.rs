@@ -202,20 +202,38 @@ fn unreadable(state: &AppState, body: &[u8], error: serde_json::Error) -> Respon
 /// Serialize the review. The API server reads `patch` as Go `[]byte`, which JSON carries as
 /// base64; kube's type holds raw bytes (serialized as a number array), so encode it here.
 fn reply(response: AdmissionResponse) -> Response {
-    let review = response.into_review();
-    let mut value = match serde_json::to_value(&review) {
-        Ok(value) => value,
+    match encode(response) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
         Err(error) => {
-            return (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the AdmissionReview: {error}\n"))
-                .into_response();
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the AdmissionReview: {error}\n")).into_response()
         }
-    };
-    if let Some(patch) = value.pointer_mut("/response/patch")
-        && let Some(bytes) = review.response.as_ref().and_then(|r| r.patch.as_deref())
-    {
-        *patch = Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
     }
-    axum::Json(value).into_response()
+}
+
+/// The AdmissionReview answering with `response`, as JSON bytes: kube's response with its patch
+/// carried as base64, written in one pass.
+pub fn encode(mut response: AdmissionResponse) -> serde_json::Result<Vec<u8>> {
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Review<'a> {
+        api_version: &'a str,
+        kind: &'a str,
+        response: Answer<'a>,
+    }
+    #[derive(serde::Serialize)]
+    struct Answer<'a> {
+        #[serde(flatten)]
+        response: &'a AdmissionResponse,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        patch: Option<String>,
+    }
+    let patch = response.patch.take().map(|bytes| base64::engine::general_purpose::STANDARD.encode(bytes));
+    let review = Review {
+        api_version: &response.types.api_version,
+        kind: &response.types.kind,
+        response: Answer { response: &response, patch },
+    };
+    serde_json::to_vec(&review)
 }
 
 fn bad_request(message: String) -> Response {
