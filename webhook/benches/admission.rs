@@ -330,7 +330,7 @@ fn stages() {
     time("mutate", &mut || {
         std::hint::black_box(nvidia_webhook::mutate(&pod, &config).expect("mutate"));
     });
-    time("  of which: the wait container as JSON", &mut || {
+    time("the wait container as JSON (once per settings)", &mut || {
         let wait = nvidia_webhook::mutate::wait_container(&config, None, false);
         std::hint::black_box(serde_json::to_value(&wait).expect("json"));
     });

@@ -6,6 +6,7 @@
 //! except `LD_LIBRARY_PATH`, which is extended.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
@@ -159,6 +160,7 @@ pub fn mutate(pod: &Pod, config: &InjectConfig) -> crate::Result<Mutation> {
         ));
     }
 
+    let templates = Templates::for_config(config);
     let mut ops = Vec::new();
     let mut mounted = Vec::new();
     if mount_driver {
@@ -175,15 +177,15 @@ pub fn mutate(pod: &Pod, config: &InjectConfig) -> crate::Result<Mutation> {
                     ));
                     continue;
                 }
-                mount_into(&mut ops, list, index, container, config, &mut warnings);
+                mount_into(&mut ops, list, index, container, config, &templates, &mut warnings);
                 mounted.push(container.name.clone());
             }
         }
     }
 
-    let mut volumes = vec![root_volume(config)];
+    let mut volumes = vec![templates.root_volume.clone()];
     if mount_driver {
-        volumes.push(driver_volume(config));
+        volumes.push(templates.driver_volume.clone());
     }
     // Volumes and container edits first, the init container last: inserting it at index 0 shifts
     // the indices of the existing init containers.
@@ -195,16 +197,66 @@ pub fn mutate(pod: &Pod, config: &InjectConfig) -> crate::Result<Mutation> {
         contract::INJECTED_ANNOTATION,
         to_json(&record).to_string(),
     );
-    append_all(&mut head, &["spec", "volumes"], spec.volumes.is_some(), volumes.iter().map(to_json));
+    append_all(&mut head, &["spec", "volumes"], spec.volumes.is_some(), volumes);
     ops.splice(0..0, head);
-    let wait = wait_container(config, pin, is_guaranteed(spec));
+    let mut wait = templates.wait[usize::from(is_guaranteed(spec))].clone();
+    if let Some(version) = pin
+        && let Some(args) = wait.get_mut("args").and_then(Value::as_array_mut)
+    {
+        args.extend(["--driver-version".into(), version.into()]);
+    }
     if spec.init_containers.is_some() {
-        ops.push(add(&["spec", "initContainers", "0"], to_json(&wait)));
+        ops.push(add(&["spec", "initContainers", "0"], wait));
     } else {
-        ops.push(add(&["spec", "initContainers"], json!([to_json(&wait)])));
+        ops.push(add(&["spec", "initContainers"], Value::Array(vec![wait])));
     }
 
     Ok(Mutation { outcome: Outcome::Injected { mounted }, patch: Patch(ops), warnings })
+}
+
+/// The parts of the patch that depend on the settings only, built once per settings: a review
+/// then clones them instead of building and serializing Kubernetes objects again.
+#[derive(Debug, PartialEq)]
+struct Templates {
+    root_volume: Value,
+    driver_volume: Value,
+    mount: Value,
+    library_path: Value,
+    /// The wait init container for a Burstable pod, then for a Guaranteed one; without a pin.
+    wait: [Value; 2],
+}
+
+impl Templates {
+    fn new(config: &InjectConfig) -> Self {
+        let mount = VolumeMount {
+            name: contract::DRIVER_VOLUME.to_owned(),
+            mount_path: config.mount_path.clone(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        };
+        let library_path =
+            EnvVar { name: "LD_LIBRARY_PATH".to_owned(), value: Some(config.library_path()), ..EnvVar::default() };
+        Self {
+            root_volume: to_json(&root_volume(config)),
+            driver_volume: to_json(&driver_volume(config)),
+            mount: to_json(&mount),
+            library_path: to_json(&library_path),
+            wait: [to_json(&wait_container(config, None, false)), to_json(&wait_container(config, None, true))],
+        }
+    }
+
+    /// The templates of `config`: the last settings' are kept (a server has one), others built.
+    fn for_config(config: &InjectConfig) -> Arc<Self> {
+        static LAST: RwLock<Option<(InjectConfig, Arc<Templates>)>> = RwLock::new(None);
+        if let Some((last, templates)) = LAST.read().unwrap_or_else(PoisonError::into_inner).as_ref()
+            && last == config
+        {
+            return Arc::clone(templates);
+        }
+        let templates = Arc::new(Self::new(config));
+        *LAST.write().unwrap_or_else(PoisonError::into_inner) = Some((config.clone(), Arc::clone(&templates)));
+        templates
+    }
 }
 
 fn indices(containers: &[Container], keep: impl Fn(&Container) -> bool) -> Vec<usize> {
@@ -240,17 +292,13 @@ fn mount_into(
     index: usize,
     container: &Container,
     config: &InjectConfig,
+    templates: &Templates,
     warnings: &mut Vec<String>,
 ) {
     let idx = index.to_string();
     let base = ["spec", list.field(), idx.as_str()];
-    let mount = VolumeMount {
-        name: contract::DRIVER_VOLUME.to_owned(),
-        mount_path: config.mount_path.clone(),
-        read_only: Some(true),
-        ..VolumeMount::default()
-    };
-    append_all(ops, &[&base[..], &["volumeMounts"]].concat(), container.volume_mounts.is_some(), [to_json(&mount)]);
+    let mount = templates.mount.clone();
+    append_all(ops, &[&base[..], &["volumeMounts"]].concat(), container.volume_mounts.is_some(), [mount]);
     if !config.set_library_path {
         return;
     }
@@ -258,8 +306,7 @@ fn mount_into(
     let env = container.env.as_deref();
     match env.and_then(|env| env.iter().rposition(|e| e.name == "LD_LIBRARY_PATH")) {
         None => {
-            let var = EnvVar { name: "LD_LIBRARY_PATH".to_owned(), value: Some(libraries), ..EnvVar::default() };
-            append_all(ops, &[&base[..], &["env"]].concat(), env.is_some(), [to_json(&var)]);
+            append_all(ops, &[&base[..], &["env"]].concat(), env.is_some(), [templates.library_path.clone()]);
         }
         Some(at) => {
             let var = &env.unwrap_or_default()[at];
