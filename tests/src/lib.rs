@@ -1,4 +1,6 @@
 //! Support for the workspace's integration tests and benchmarks: real servers on loopback.
 
 pub mod kernel;
+pub mod kube;
 pub mod s3;
+mod support;

@@ -1,6 +1,5 @@
 //! The server: its own tokio runtime on a background thread, HTTPS on 127.0.0.1, stopped on drop.
 
-use std::fmt::Write as _;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -14,9 +13,6 @@ use bytes::Bytes;
 use futures::FutureExt;
 use hyper_util::rt::TokioIo;
 use nvidia_certs::Lifetimes;
-use rustls::ServerConfig;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use s3s::auth::SimpleAuth;
 use s3s::service::{S3Service, S3ServiceBuilder};
 use tempfile::TempDir;
@@ -28,6 +24,7 @@ use super::faults::Faults;
 use super::log::RequestLog;
 use super::store::Backend;
 use super::wire::{Connection, ConnectionIo, Front, State};
+use crate::support::{random_hex, tls_acceptor};
 
 const REGION: &str = "us-east-1";
 
@@ -284,31 +281,4 @@ async fn serve(
             hyper::server::conn::http1::Builder::new().serve_connection(io, front).await.ok();
         });
     }
-}
-
-fn tls_acceptor(cert_pem: &str, key_pem: &str) -> TlsAcceptor {
-    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .expect("reading the S3 server's certificate PEM");
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("reading the S3 server's key PEM");
-    let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("the ring provider supports the default TLS versions")
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .expect("using the S3 server's certificate");
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    TlsAcceptor::from(Arc::new(config))
-}
-
-fn random_hex(bytes: usize) -> String {
-    let mut buf = vec![0; bytes];
-    rustls::crypto::ring::default_provider()
-        .secure_random
-        .fill(&mut buf)
-        .expect("the system's random number generator works");
-    buf.iter().fold(String::with_capacity(bytes * 2), |mut hex, byte| {
-        write!(hex, "{byte:02x}").expect("writing to a String cannot fail");
-        hex
-    })
 }
