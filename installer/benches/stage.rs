@@ -247,10 +247,18 @@ fn write_files(dir: &Path, total: u64) {
         let path = dir.join(format!("f{index}"));
         let mut file = std::fs::File::create(&path).expect("file");
         let mut written = 0;
+        let mut flushed = 0;
         while written < size {
             let n = (size - written).min(block.len() as u64) as usize;
             file.write_all(&block[..n]).expect("write");
             written += n as u64;
+            // As the installer does: hand each 8 MiB to the disk at once, so writing alone is
+            // measured at its best.
+            if written - flushed >= 8 << 20 {
+                let advice = nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED;
+                let _ = nix::fcntl::posix_fadvise(&file, flushed as i64, (written - flushed) as i64, advice);
+                flushed = written;
+            }
         }
         file.sync_all().expect("sync");
         left -= size;
