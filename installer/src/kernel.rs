@@ -100,7 +100,7 @@ pub fn modinfo(path: &Path) -> Result<ModInfo> {
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(haystack, needle)
 }
 
 /// The kernel release a vermagic string was built for (its first word).
