@@ -12,15 +12,16 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
-use k8s_openapi::api::core::v1::Pod;
+use kube::core::GroupVersionKind;
 use kube::core::TypeMeta;
-use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
+use kube::core::admission::{AdmissionResponse, Operation};
 use serde_json::Value;
 use tracing::{debug, info, warn};
 
 use crate::config::InjectConfig;
 use crate::metrics::Metrics;
-use crate::mutate::{Outcome, mutate};
+use crate::mutate::{Outcome, mutate_view};
+use crate::pod::PodView;
 
 /// Largest AdmissionReview accepted. The API server caps a request at 3 MiB and a review
 /// carries the object (and, on update, the old object), so 4 MiB never refuses a real review.
@@ -85,9 +86,10 @@ async fn mutate_handler(State(state): State<Arc<AppState>>, body: Result<Bytes, 
     response
 }
 
-/// The review as it arrives. kube's `AdmissionReview` flattens its `TypeMeta`, which makes serde
-/// buffer the whole body (pod included) before reading it a second time; reading the three
-/// top-level fields here parses the body once. The request itself is kube's type.
+/// The review as it arrives, read in one pass: the envelope's three fields, and of the request
+/// what the answer needs. The pod is read into the mutation's view ([`PodView`]), so serde skips
+/// what the mutation does not look at (and kube's `AdmissionReview`, which flattens its
+/// `TypeMeta`, would make serde buffer the whole body before reading it a second time).
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Envelope {
@@ -95,17 +97,35 @@ struct Envelope {
     api_version: String,
     #[serde(default)]
     kind: String,
-    request: Option<AdmissionRequest<Pod>>,
+    request: Option<Request>,
 }
 
-/// Answer one review body: the typed fast path, or a careful look at what could not be read.
+/// The fields of an `AdmissionRequest` the webhook decides on.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Request {
+    pub uid: String,
+    pub kind: GroupVersionKind,
+    #[serde(default)]
+    pub sub_resource: Option<String>,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    pub operation: Operation,
+    #[serde(default)]
+    pub object: Option<PodView>,
+}
+
+/// Read a review body: its `apiVersion` and `kind`, and its request if it has one.
+pub fn parse_review(body: &[u8]) -> serde_json::Result<(TypeMeta, Option<Request>)> {
+    let Envelope { api_version, kind, request } = serde_json::from_slice(body)?;
+    Ok((TypeMeta { api_version, kind }, request))
+}
+
+/// Answer one review body: the fast path, or a careful look at what could not be read.
 fn review(state: &AppState, body: &[u8]) -> Response {
-    match serde_json::from_slice::<Envelope>(body) {
-        Ok(Envelope { api_version, kind, request: Some(mut request) }) => {
-            request.types = TypeMeta { api_version, kind };
-            reply(admit(state, &request))
-        }
-        Ok(Envelope { request: None, .. }) => {
+    match parse_review(body) {
+        Ok((types, Some(request))) => reply(admit(state, &request, types)),
+        Ok((_, None)) => {
             state.metrics.error("malformed");
             bad_request("the AdmissionReview carries no request".to_owned())
         }
@@ -113,9 +133,19 @@ fn review(state: &AppState, body: &[u8]) -> Response {
     }
 }
 
+/// An allowing response to the request `uid`, echoing the review's `apiVersion` and `kind`.
+fn allow(uid: &str, types: TypeMeta) -> AdmissionResponse {
+    let mut response = AdmissionResponse::invalid("");
+    response.allowed = true;
+    response.result = Default::default();
+    response.uid = uid.to_owned();
+    response.types = types;
+    response
+}
+
 /// Decide on a parsed request.
-pub fn admit(state: &AppState, request: &AdmissionRequest<Pod>) -> AdmissionResponse {
-    let response = AdmissionResponse::from(request);
+pub fn admit(state: &AppState, request: &Request, types: TypeMeta) -> AdmissionResponse {
+    let response = allow(&request.uid, types);
     let pod_create = request.kind.group.is_empty()
         && request.kind.kind == "Pod"
         && request.sub_resource.is_none()
@@ -127,7 +157,7 @@ pub fn admit(state: &AppState, request: &AdmissionRequest<Pod>) -> AdmissionResp
     };
     let namespace = request.namespace.as_deref().or(pod.metadata.namespace.as_deref()).unwrap_or_default();
     let name = pod.metadata.name.as_deref().or(pod.metadata.generate_name.as_deref()).unwrap_or_default();
-    match mutate(pod, &state.config) {
+    match mutate_view(pod, &state.config) {
         Ok(mutation) => {
             let mut response = response;
             if !mutation.warnings.is_empty() {
@@ -140,11 +170,12 @@ pub fn admit(state: &AppState, request: &AdmissionRequest<Pod>) -> AdmissionResp
                 Outcome::Injected { mounted } => {
                     state.metrics.injected.inc();
                     info!(uid = %request.uid, namespace, pod = name, ?mounted, "driver injected");
+                    let types = response.types.clone();
                     match response.with_patch(mutation.patch) {
                         Ok(response) => response,
                         Err(error) => {
                             state.metrics.error("patch-encoding");
-                            AdmissionResponse::from(request)
+                            allow(&request.uid, types)
                                 .deny(format!("nvidia-installer webhook could not encode its patch: {error}"))
                         }
                     }

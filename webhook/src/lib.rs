@@ -11,11 +11,13 @@ pub mod logging;
 pub mod manifest;
 pub mod metrics;
 pub mod mutate;
+pub mod pod;
 pub mod server;
 pub mod tls;
 
 pub use config::InjectConfig;
-pub use mutate::{Mutation, Outcome, SkipReason, mutate};
+pub use mutate::{Mutation, Outcome, SkipReason, mutate, mutate_view};
+pub use pod::PodView;
 
 /// Errors of this crate. Each says what failed and with what.
 #[derive(Debug, thiserror::Error)]

@@ -11,8 +11,8 @@ use std::sync::{Arc, PoisonError, RwLock};
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EnvVar, HostPathVolumeSource, Pod, PodSpec, ResourceRequirements, SeccompProfile,
-    SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, EnvVar, HostPathVolumeSource, Pod, ResourceRequirements, SeccompProfile, SecurityContext,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use serde::Serialize;
@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 
 use crate::config::InjectConfig;
 use crate::contract;
+use crate::pod::{ContainerView, PodView, SpecView};
 
 /// Why a pod was left unchanged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -102,6 +103,11 @@ impl List {
 ///
 /// Pure: reads the pod, never serializes it back, so fields this build does not know survive.
 pub fn mutate(pod: &Pod, config: &InjectConfig) -> crate::Result<Mutation> {
+    mutate_view(&PodView::from(pod), config)
+}
+
+/// [`mutate`] on the parts of the pod it reads (what the server parses a review's pod into).
+pub fn mutate_view(pod: &PodView, config: &InjectConfig) -> crate::Result<Mutation> {
     let annotations = pod.metadata.annotations.as_ref();
     let annotation = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
     let mut warnings = Vec::new();
@@ -259,12 +265,12 @@ impl Templates {
     }
 }
 
-fn indices(containers: &[Container], keep: impl Fn(&Container) -> bool) -> Vec<usize> {
+fn indices(containers: &[ContainerView], keep: impl Fn(&ContainerView) -> bool) -> Vec<usize> {
     containers.iter().enumerate().filter(|(_, c)| keep(c)).map(|(i, _)| i).collect()
 }
 
 /// Whether the container's requests or limits name a GPU resource.
-pub fn requests_gpu(container: &Container, config: &InjectConfig) -> bool {
+pub fn requests_gpu(container: &ContainerView, config: &InjectConfig) -> bool {
     let Some(resources) = container.resources.as_ref() else { return false };
     [&resources.requests, &resources.limits]
         .into_iter()
@@ -281,7 +287,7 @@ pub fn valid_version(version: &str) -> bool {
         && version.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
 }
 
-fn mounts_path(container: &Container, path: &str) -> bool {
+fn mounts_path(container: &ContainerView, path: &str) -> bool {
     let path = path.trim_end_matches('/');
     container.volume_mounts.iter().flatten().any(|m| m.mount_path.trim_end_matches('/') == path)
 }
@@ -290,7 +296,7 @@ fn mount_into(
     ops: &mut Vec<PatchOperation>,
     list: List,
     index: usize,
-    container: &Container,
+    container: &ContainerView,
     config: &InjectConfig,
     templates: &Templates,
     warnings: &mut Vec<String>,
@@ -303,14 +309,13 @@ fn mount_into(
         return;
     }
     let libraries = config.library_path();
-    let env = container.env.as_deref();
-    match env.and_then(|env| env.iter().rposition(|e| e.name == "LD_LIBRARY_PATH")) {
+    let env = container.env.as_ref();
+    match env.and_then(|env| env.library_path.as_ref()) {
         None => {
             append_all(ops, &[&base[..], &["env"]].concat(), env.is_some(), [templates.library_path.clone()]);
         }
-        Some(at) => {
-            let var = &env.unwrap_or_default()[at];
-            if var.value_from.is_some() {
+        Some(var) => {
+            if var.from_reference {
                 warnings.push(format!(
                     "nvidia-installer: container {:?} takes LD_LIBRARY_PATH from a reference; it was left as it is, add {libraries} to it",
                     container.name
@@ -322,7 +327,7 @@ fn mount_into(
                 return;
             }
             let extended = if current.is_empty() { libraries } else { format!("{current}:{libraries}") };
-            let at = at.to_string();
+            let at = var.index.to_string();
             ops.push(add(&[&base[..], &["env", at.as_str(), "value"]].concat(), Value::String(extended)));
         }
     }
@@ -375,7 +380,7 @@ fn host_path_volume(name: &str, path: &str, kind: Option<&str>) -> Volume {
 
 /// A pod is Guaranteed when every container's cpu and memory requests equal its limits.
 /// The init container must keep it so, or the pod would drop to Burstable.
-fn is_guaranteed(spec: &PodSpec) -> bool {
+fn is_guaranteed(spec: &SpecView) -> bool {
     let all = spec.containers.iter().chain(spec.init_containers.iter().flatten());
     let mut any = false;
     for container in all {

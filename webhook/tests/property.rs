@@ -2,7 +2,7 @@
 //! exactly one driver mount, nothing else of the pod changes, and a second pass adds nothing.
 
 use k8s_openapi::api::core::v1::Pod;
-use nvidia_webhook::{InjectConfig, Outcome, mutate};
+use nvidia_webhook::{InjectConfig, Outcome, PodView, mutate, mutate_view};
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 
@@ -178,6 +178,11 @@ proptest! {
         let config = InjectConfig::new("img");
         let pod: Pod = serde_json::from_value(raw.clone()).expect("generated pod reads");
         let mutation = mutate(&pod, &config).expect("valid pins only");
+        // The server reads the pod straight from JSON into the view; inject goes through the
+        // typed pod. Both see the same pod and decide the same.
+        let view: PodView = serde_json::from_value(raw.clone()).expect("the view reads the pod");
+        prop_assert_eq!(&view, &PodView::from(&pod));
+        prop_assert_eq!(&mutate_view(&view, &config).expect("view").patch, &mutation.patch);
         let mut patched = raw.clone();
         json_patch::patch(&mut patched, &mutation.patch).expect("patch applies");
         let typed: Pod = serde_json::from_value(patched.clone()).expect("patched pod reads as a Pod");
