@@ -87,6 +87,9 @@ fn main() {
         .expect("stage");
     let ours = started.elapsed();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    if std::env::var_os("NVIDIA_BENCH_STAGE_LOG").is_some() {
+        eprint!("{}", String::from_utf8_lossy(&output.stderr));
+    }
     let ours_cpu = children_cpu() - cpu_before;
     let peak_rss_mib = peak_children_rss_kib() as f64 / 1024.0;
 
@@ -166,7 +169,7 @@ fn stage_command(server: &S3Server, host: &Path) -> Command {
         .env("NVIDIA_DRIVER_VERSION", DRIVER)
         .env("GARDENLINUX_VERSION", GL)
         .env("KERNEL_RELEASE", KERNEL)
-        .env("RUST_LOG", "warn");
+        .env("RUST_LOG", std::env::var("NVIDIA_BENCH_STAGE_LOG").unwrap_or_else(|_| "warn".to_owned()));
     command
 }
 

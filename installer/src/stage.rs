@@ -187,10 +187,18 @@ async fn download_and_publish(layout: &Layout, request: &StageRequest, bundle: &
             sender,
         )
     };
+    let started = std::time::Instant::now();
     let result = pipeline(feed, request.limits, &located, &staging, &source)
         .await
         .and_then(|(extracted, sha256)| verify_and_complete(request, &located, &staging, extracted, sha256, &source));
+    let extracted_ms = started.elapsed().as_millis() as u64;
     let manifest = publish_staged(layout, &staging, bundle, result)?;
+    info!(
+        bundle = %bundle.display(),
+        extracted_ms,
+        synced_ms = started.elapsed().as_millis() as u64 - extracted_ms,
+        "downloaded, verified and published"
+    );
     Ok((manifest, located.key))
 }
 
