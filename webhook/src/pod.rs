@@ -66,10 +66,46 @@ pub struct ContainerView {
 /// Requests and limits by resource name (quantities as written).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct ResourcesView {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "quantities")]
     pub requests: Option<BTreeMap<String, String>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "quantities")]
     pub limits: Option<BTreeMap<String, String>>,
+}
+
+/// Quantities as text: the API server sends strings, but a manifest may say `nvidia.com/gpu: 1`.
+fn quantities<'de, D: de::Deserializer<'de>>(deserializer: D) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    let map = Option::<BTreeMap<String, QuantityText>>::deserialize(deserializer)?;
+    Ok(map.map(|m| m.into_iter().map(|(k, v)| (k, v.0)).collect()))
+}
+
+struct QuantityText(String);
+
+impl<'de> Deserialize<'de> for QuantityText {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct QuantityVisitor;
+        impl Visitor<'_> for QuantityVisitor {
+            type Value = QuantityText;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a quantity (a string or a number)")
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<QuantityText, E> {
+                Ok(QuantityText(text.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, text: String) -> Result<QuantityText, E> {
+                Ok(QuantityText(text))
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<QuantityText, E> {
+                Ok(QuantityText(n.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<QuantityText, E> {
+                Ok(QuantityText(n.to_string()))
+            }
+            fn visit_f64<E: de::Error>(self, n: f64) -> Result<QuantityText, E> {
+                Ok(QuantityText(n.to_string()))
+            }
+        }
+        deserializer.deserialize_any(QuantityVisitor)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -299,6 +335,18 @@ mod tests {
         let env = view.spec.as_ref().and_then(|s| s.containers[0].env.clone()).expect("env");
         assert_eq!(env.len, 4);
         assert_eq!(env.library_path, Some(LibraryPath { index: 2, value: None, from_reference: true }));
+    }
+
+    #[test]
+    fn quantities_written_as_numbers_read_as_the_typed_pod_reads_them() {
+        let raw = json!({"spec": {"containers": [{"name": "c", "resources": {
+            "limits": {"nvidia.com/gpu": 1, "cpu": 0.5, "memory": "1Gi"}, "requests": {"cpu": "500m"}}}]}});
+        let view: PodView = serde_json::from_value(raw.clone()).expect("view");
+        let pod: Pod = serde_json::from_value(raw).expect("pod");
+        assert_eq!(view, PodView::from(&pod));
+        let limits =
+            view.spec.expect("spec").containers[0].resources.clone().expect("resources").limits.expect("limits");
+        assert_eq!(limits["nvidia.com/gpu"], "1");
     }
 
     #[test]
