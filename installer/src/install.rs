@@ -113,14 +113,7 @@ async fn install_locked(layout: &Layout, request: &InstallRequest, kernel: &dyn 
         }
         (result, _) => result?,
     };
-    if let Some(loaded) = staged.held_back_by {
-        return Err(Error::OtherVersionLoaded { loaded, wanted: wanted.clone() });
-    }
-    if let Some(loaded) = crate::status::loaded_version(layout)
-        && &loaded != wanted
-    {
-        return Err(Error::OtherVersionLoaded { loaded, wanted: wanted.clone() });
-    }
+    refuse_other_loaded(layout, &staged, wanted)?;
     // A marker for another driver or kernel no longer describes this node.
     if ready::read_marker(layout).is_some_and(|m| &m.driver_version != wanted || &m.kernel_release != kernel_release) {
         ready::remove_marker(layout)?;
@@ -146,6 +139,16 @@ async fn install_locked(layout: &Layout, request: &InstallRequest, kernel: &dyn 
     Ok(marker)
 }
 
+/// Another driver version is ready (staging held the new one back) or loaded: the node must be
+/// drained and the old driver unloaded first.
+fn refuse_other_loaded(layout: &Layout, staged: &Staged, wanted: &str) -> Result<()> {
+    let loaded = staged.held_back_by.clone().or_else(|| crate::status::loaded_version(layout));
+    match loaded {
+        Some(loaded) if loaded != wanted => Err(Error::OtherVersionLoaded { loaded, wanted: wanted.to_owned() }),
+        _ => Ok(()),
+    }
+}
+
 /// What `install` would do on this host, in order, without doing it (`install --dry-run`).
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -164,11 +167,7 @@ pub async fn dry_run(layout: &Layout, request: &InstallRequest) -> Result<Plan> 
     let _lock = HostLock::acquire(layout).await?;
     let wanted = &request.stage.driver_version;
     let staged = stage::stage_locked(layout, &request.stage).await?;
-    if let Some(loaded) = staged.held_back_by.clone().or_else(|| crate::status::loaded_version(layout))
-        && &loaded != wanted
-    {
-        return Err(Error::OtherVersionLoaded { loaded, wanted: wanted.clone() });
-    }
+    refuse_other_loaded(layout, &staged, wanted)?;
     let modules = plan_loads(layout, &request.stage.kernel_release, &staged, &request.modules)?;
     let dev = layout.host("/dev");
     let device_nodes = node_specs(&request.modules)

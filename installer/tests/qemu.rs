@@ -221,14 +221,12 @@ fn boot(guest: &Guest, work: &Path, bundles: &[(&str, &Path)]) -> BTreeMap<Strin
     // The host cache, filled by the real `stage` from the bucket.
     let server = S3Server::start();
     server.create_bucket(BUCKET);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let s3 = runtime.block_on(nvidia_installer::s3::client(&options(&server))).expect("client");
     for (driver, bundle) in bundles {
-        let client = tokio::runtime::Runtime::new().expect("runtime");
-        client.block_on(async {
-            let s3 = nvidia_installer::s3::client(&options(&server)).await.expect("client");
-            nvidia_installer::publish::publish(&s3, BUCKET, bundle, GARDENLINUX, false, &Default::default())
-                .await
-                .expect("publish");
-        });
+        runtime
+            .block_on(nvidia_installer::publish::publish(&s3, BUCKET, bundle, GARDENLINUX, false, &Default::default()))
+            .expect("publish");
         run(Command::new(env!("CARGO_BIN_EXE_nvidia-installer"))
             .args(["stage", "--bucket", BUCKET, "--gardenlinux-version", GARDENLINUX, "--driver-version", driver])
             .args(["--kernel-release", &guest.release])

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use integration_tests::fixtures::workspace_binary;
 use integration_tests::s3::S3Server;
 use serde_json::Value;
 
@@ -20,15 +21,6 @@ const SECRET: &str = "nvidia-driver-bucket-read";
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// A binary of the workspace, built beside this test.
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join(name);
-    assert!(path.is_file(), "{} not built: run `cargo test --workspace`", path.display());
-    path
 }
 
 fn render(sets: &[&str]) -> Vec<Value> {
@@ -143,7 +135,7 @@ async fn the_rendered_commands_run_as_the_binaries_expect() {
     let driver = work.path().join("driver");
     fake_driver(&driver);
     let bundle = work.path().join("bundle.tar.zst");
-    let installer = binary("nvidia-installer");
+    let installer = workspace_binary("nvidia-installer");
     run(Command::new(&installer)
         .args(["pack", "--driver-version", DRIVER, "--kernel-release", KERNEL])
         .arg("--dir")
@@ -202,7 +194,8 @@ async fn the_rendered_commands_run_as_the_binaries_expect() {
             }
         })
         .collect();
-    let mut serve = Command::new(binary("nvidia-webhook")).args(&args).stderr(Stdio::null()).spawn().expect("serve");
+    let mut serve =
+        Command::new(workspace_binary("nvidia-webhook")).args(&args).stderr(Stdio::null()).spawn().expect("serve");
     let ca_cert = reqwest::Certificate::from_pem(certificate.ca_cert.as_bytes()).expect("ca");
     let client = reqwest::Client::builder()
         .add_root_certificate(ca_cert)

@@ -6,13 +6,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use integration_tests::fixtures::{host_root, publish_sample, workspace_binary};
 use integration_tests::kernel::SimKernel;
 use integration_tests::s3::S3Server;
 use k8s_openapi::api::core::v1::Pod;
 use nvidia_installer::install::{InstallRequest, install};
 use nvidia_installer::layout::Layout;
 use nvidia_installer::node::Reporter;
-use nvidia_installer::pack::{self, BundleInfo};
+use nvidia_installer::pack::BundleInfo;
 use nvidia_installer::s3::{S3Options, Transfer};
 use nvidia_installer::stage::StageRequest;
 use nvidia_webhook::{InjectConfig, mutate};
@@ -23,16 +24,6 @@ const DRIVER: &str = "535.261.03";
 const OTHER_DRIVER: &str = "550.163.01";
 const GARDENLINUX: &str = "1877.3";
 const BUCKET: &str = "drivers";
-const BOOT_ID: &str = "5d1e6c2a-0d5e-4bd6-9a57-1f2b3c4d5e6f";
-
-/// A binary of the workspace, built beside this test.
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join(name);
-    assert!(path.is_file(), "{} not built: run `cargo test --workspace`", path.display());
-    path
-}
 
 fn gpu_pod(annotations: Value) -> Pod {
     serde_json::from_value(json!({
@@ -84,7 +75,7 @@ fn start_init(pod: &Value, host: &Path, driver_root: &str) -> Child {
         let value = var["value"].as_str().expect("the init container's env has literal values only");
         env.push((var["name"].as_str().expect("name").to_owned(), value.to_owned()));
     }
-    Command::new(binary("nvidia-installer"))
+    Command::new(workspace_binary("nvidia-installer"))
         .args(args)
         .envs(env)
         .stdout(Stdio::piped())
@@ -103,70 +94,27 @@ fn finish(child: Child, within: Duration) -> Output {
     child.wait_with_output().expect("output")
 }
 
-fn host_root(dir: &Path) -> Layout {
-    std::fs::create_dir_all(dir.join("proc/sys/kernel/random")).expect("proc");
-    std::fs::write(dir.join("proc/sys/kernel/random/boot_id"), format!("{BOOT_ID}\n")).expect("boot id");
-    std::fs::write(dir.join("proc/sys/kernel/osrelease"), format!("{KERNEL}\n")).expect("osrelease");
-    std::fs::write(dir.join("proc/modules"), "").expect("modules");
-    std::fs::write(dir.join("proc/devices"), "Character devices:\n  1 mem\n\nBlock devices:\n  8 sd\n")
-        .expect("devices");
-    std::fs::create_dir_all(dir.join("dev")).expect("dev");
-    Layout::new(dir, "/opt/nvidia-installer")
-}
-
-fn driver_dir(dir: &Path) {
-    for sub in ["bin", "lib", "modules"] {
-        std::fs::create_dir_all(dir.join(sub)).expect("dir");
-    }
-    let smi = dir.join("bin/nvidia-smi");
-    std::fs::write(&smi, format!("#!/bin/sh\necho 'Driver Version: {DRIVER}'\n")).expect("smi");
-    std::fs::set_permissions(&smi, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
-    std::fs::write(dir.join(format!("lib/libnvidia-ml.so.{DRIVER}")), vec![7u8; 8192]).expect("lib");
-    std::os::unix::fs::symlink(format!("libnvidia-ml.so.{DRIVER}"), dir.join("lib/libnvidia-ml.so.1")).expect("soname");
-    for (name, depends) in [("nvidia", ""), ("nvidia-uvm", "nvidia"), ("nvidia-modeset", "nvidia")] {
-        let info = format!(
-            "\x7fELF\0depends={depends}\0name={}\0vermagic={KERNEL} SMP preempt mod_unload modversions \0",
-            name.replace('-', "_")
-        );
-        std::fs::write(dir.join(format!("modules/{name}.ko")), info).expect("module");
-    }
-}
-
-async fn publish(server: &S3Server, work: &Path) -> S3Options {
-    let dir = work.join("driver");
-    driver_dir(&dir);
+/// A host root with nothing installed, and the driver bundle published to the bucket.
+async fn setup(server: &S3Server, work: &Path) -> (S3Options, PathBuf, Layout) {
+    server.create_bucket(BUCKET);
     let info = BundleInfo {
         driver_version: DRIVER.into(),
         kernel_release: KERNEL.into(),
         flavor: "open".into(),
         gardenlinux_version: Some(GARDENLINUX.into()),
     };
-    let manifest = pack::describe(&dir, &info).expect("describe");
-    let bundle = work.join("bundle.tar.zst");
-    pack::pack(&dir, &manifest, &bundle, 3).expect("pack");
-    let options = S3Options {
-        bucket: BUCKET.into(),
-        region: Some(server.region().into()),
-        endpoint: Some(server.endpoint().into()),
-        access_key_id: Some(server.access_key().into()),
-        secret_access_key: Some(server.secret_key().into()),
-        ca_file: Some(server.ca_file().to_owned()),
-    };
-    let client = nvidia_installer::s3::client(&options).await.expect("client");
-    nvidia_installer::publish::publish(&client, BUCKET, &bundle, GARDENLINUX, false, &Transfer::default())
-        .await
-        .expect("publish");
-    options
+    let s3 = publish_sample(server, BUCKET, work, &info, 8192).await;
+    let host = work.join("host");
+    host_root(&host, KERNEL).expect("host root");
+    let layout = Layout::new(&host, "/opt/nvidia-installer");
+    (s3, host, layout)
 }
 
 #[tokio::test]
 async fn the_injected_init_container_waits_for_install_and_refuses_another_pinned_version() {
     let server = S3Server::start();
-    server.create_bucket(BUCKET);
     let work = tempfile::tempdir().expect("work");
-    let s3 = publish(&server, work.path()).await;
-    let host = work.path().join("host");
-    let layout = host_root(&host);
+    let (s3, host, layout) = setup(&server, work.path()).await;
     let config = InjectConfig::new("ghcr.io/gardenlinux/nvidia-installer:test");
 
     // Nothing staged yet: the pod waits.
@@ -221,11 +169,8 @@ async fn the_injected_init_container_waits_for_install_and_refuses_another_pinne
 #[tokio::test]
 async fn the_injected_mounts_resolve_to_the_current_bundle() {
     let server = S3Server::start();
-    server.create_bucket(BUCKET);
     let work = tempfile::tempdir().expect("work");
-    let s3 = publish(&server, work.path()).await;
-    let host = work.path().join("host");
-    let layout = host_root(&host);
+    let (s3, host, layout) = setup(&server, work.path()).await;
     let request = StageRequest {
         gardenlinux_version: GARDENLINUX.into(),
         kernel_release: KERNEL.into(),

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use base64::Engine as _;
+use integration_tests::fixtures::{host_root, publish_sample, workspace_binary};
 use integration_tests::kernel::SimKernel;
 use integration_tests::kube::{ApiRequest, ApiServer};
 use integration_tests::s3::S3Server;
@@ -20,13 +21,6 @@ const CONFIG: &str = "nvidia-installer-webhook";
 const SECRET_PATH: &str = "/api/v1/namespaces/kube-system/secrets/nvidia-installer-webhook-tls";
 const CONFIG_PATH: &str =
     "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/nvidia-installer-webhook";
-
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test exe");
-    let path = exe.parent().and_then(Path::parent).expect("target dir").join(name);
-    assert!(path.is_file(), "{} not built: run `cargo test --workspace`", path.display());
-    path
-}
 
 /// The MutatingWebhookConfiguration as the chart renders it: no caBundle yet.
 fn webhook_config(service: &str, ca_bundle: Option<&str>) -> Value {
@@ -50,7 +44,7 @@ fn webhook_config(service: &str, ca_bundle: Option<&str>) -> Value {
 
 /// `nvidia-webhook certs` as the chart's webhook runs it, against `api`.
 fn certs(kubeconfig: &Path) -> Command {
-    let mut command = Command::new(binary("nvidia-webhook"));
+    let mut command = Command::new(workspace_binary("nvidia-webhook"));
     command
         .args(["certs", "--namespace", NAMESPACE, "--secret", SECRET, "--service", SERVICE, "--webhook-config", CONFIG])
         .env("KUBECONFIG", kubeconfig)
@@ -234,48 +228,15 @@ async fn kube_client(kubeconfig: &Path) -> kube::Client {
 async fn node_with_bundle(work: &Path) -> (S3Server, nvidia_installer::install::InstallRequest, PathBuf) {
     let server = S3Server::start();
     server.create_bucket(BUCKET);
-    let dir = work.join("driver");
-    for sub in ["bin", "lib", "modules"] {
-        std::fs::create_dir_all(dir.join(sub)).expect("dir");
-    }
-    std::fs::write(dir.join("bin/nvidia-smi"), "#!/bin/sh\necho ok\n").expect("smi");
-    std::fs::set_permissions(dir.join("bin/nvidia-smi"), std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
-    for (name, depends) in [("nvidia", ""), ("nvidia-uvm", "nvidia"), ("nvidia-modeset", "nvidia")] {
-        let info = format!(
-            "\x7fELF\0depends={depends}\0name={}\0vermagic={KERNEL} SMP preempt mod_unload modversions \0",
-            name.replace('-', "_")
-        );
-        std::fs::write(dir.join(format!("modules/{name}.ko")), info).expect("module");
-    }
     let info = nvidia_installer::pack::BundleInfo {
         driver_version: DRIVER.into(),
         kernel_release: KERNEL.into(),
         flavor: "open".into(),
         gardenlinux_version: Some("1877.3".into()),
     };
-    let manifest = nvidia_installer::pack::describe(&dir, &info).expect("describe");
-    let bundle = work.join("bundle.tar.zst");
-    nvidia_installer::pack::pack(&dir, &manifest, &bundle, 3).expect("pack");
-    let s3 = nvidia_installer::s3::S3Options {
-        bucket: BUCKET.into(),
-        region: Some(server.region().into()),
-        endpoint: Some(server.endpoint().into()),
-        access_key_id: Some(server.access_key().into()),
-        secret_access_key: Some(server.secret_key().into()),
-        ca_file: Some(server.ca_file().to_owned()),
-    };
-    let client = nvidia_installer::s3::client(&s3).await.expect("s3 client");
-    nvidia_installer::publish::publish(&client, BUCKET, &bundle, "1877.3", false, &Default::default())
-        .await
-        .expect("publish");
+    let s3 = publish_sample(&server, BUCKET, work, &info, 4096).await;
     let host = work.join("host");
-    std::fs::create_dir_all(host.join("proc/sys/kernel/random")).expect("proc");
-    std::fs::write(host.join("proc/sys/kernel/random/boot_id"), "5d1e6c2a-0d5e-4bd6-9a57-1f2b3c4d5e6f\n")
-        .expect("boot");
-    std::fs::write(host.join("proc/modules"), "").expect("modules");
-    std::fs::write(host.join("proc/devices"), "Character devices:\n  1 mem\n\nBlock devices:\n").expect("devices");
-    std::fs::create_dir_all(host.join("dev")).expect("dev");
+    host_root(&host, KERNEL).expect("host root");
     let request = nvidia_installer::install::InstallRequest {
         stage: nvidia_installer::stage::StageRequest {
             gardenlinux_version: "1877.3".into(),

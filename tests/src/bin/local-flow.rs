@@ -15,13 +15,13 @@ use std::process::{Child, Command, ExitCode, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use integration_tests::fixtures::{host_root, sample_driver};
 use integration_tests::s3::S3Server;
 use serde_json::{Value, json};
 
 /// The unchanged sample GPU Deployment (also `examples/gpu-deployment.yaml`).
 const SAMPLE_DEPLOYMENT: &str = include_str!("../../../examples/gpu-deployment.yaml");
 const BUCKET: &str = "nvidia-drivers";
-const BOOT_ID: &str = "6f1c3e52-8a0d-4c1e-9b7a-2d4e5f607182";
 /// How long the injected `wait` must keep waiting to count as gating the pod.
 const GATE_SECONDS: u64 = 2;
 
@@ -169,7 +169,8 @@ fn run(flow: &mut Flow, options: &Options) -> Result<(), String> {
             Some(dir) => (dir.clone(), format!("driver directory {}", dir.display())),
             None => {
                 let dir = work_path.join("driver");
-                sample_driver(&dir, kernel, driver).map_err(|e| format!("writing the sample driver: {e}"))?;
+                sample_driver(&dir, kernel, driver, 4 << 20)
+                    .map_err(|e| format!("writing the sample driver {}: {e}", dir.display()))?;
                 (
                     dir,
                     "sample driver: bin/nvidia-smi, lib/libnvidia-ml.so.1, modules with the modinfo install checks"
@@ -202,7 +203,7 @@ fn run(flow: &mut Flow, options: &Options) -> Result<(), String> {
         Ok(((), format!("{}\nbucket now holds: {keys}", out.trim())))
     })?;
 
-    prepare_host(&host, kernel).map_err(|e| format!("preparing the host root {}: {e}", host.display()))?;
+    host_root(&host, kernel).map_err(|e| format!("preparing the host root {}: {e}", host.display()))?;
     let stage_args = |command: &str| -> Vec<String> {
         vec![
             command.to_owned(),
@@ -314,48 +315,6 @@ fn binaries(options: &Options) -> Result<(Binaries, String), String> {
         }
     }
     Ok((bins, detail))
-}
-
-/// A driver directory in the bundle layout. The libraries and modules hold no driver code: the
-/// modules carry the modinfo strings (`vermagic`, `depends`) that `install` checks and plans from.
-fn sample_driver(dir: &Path, kernel: &str, driver: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt as _;
-    for sub in ["bin", "lib", "modules"] {
-        std::fs::create_dir_all(dir.join(sub))?;
-    }
-    let smi = dir.join("bin/nvidia-smi");
-    std::fs::write(&smi, format!("#!/bin/sh\necho \"sample bundle: NVIDIA driver {driver} for kernel {kernel}\"\n"))?;
-    std::fs::set_permissions(&smi, std::fs::Permissions::from_mode(0o755))?;
-    for (lib, size) in [("libnvidia-ml", 2 << 20), ("libcuda", 8 << 20)] {
-        let mut data = vec![0u8; size];
-        let mut state: u64 = 0x9E37_79B9_7F4A_7C15 ^ size as u64;
-        for chunk in data.chunks_mut(8) {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
-        }
-        std::fs::write(dir.join(format!("lib/{lib}.so.{driver}")), data)?;
-        std::os::unix::fs::symlink(format!("{lib}.so.{driver}"), dir.join(format!("lib/{lib}.so.1")))?;
-    }
-    for (name, depends) in [("nvidia", ""), ("nvidia-uvm", "nvidia"), ("nvidia-modeset", "nvidia")] {
-        let modinfo = format!(
-            "\x7fELF\0license=Dual MIT/GPL\0version={driver}\0depends={depends}\0name={}\0vermagic={kernel} SMP preempt mod_unload modversions \0",
-            name.replace('-', "_")
-        );
-        std::fs::write(dir.join(format!("modules/{name}.ko")), modinfo)?;
-    }
-    Ok(())
-}
-
-/// The files `install` and `wait` read from the host: the kernel release and boot id.
-fn prepare_host(host: &Path, kernel: &str) -> std::io::Result<()> {
-    std::fs::create_dir_all(host.join("proc/sys/kernel/random"))?;
-    std::fs::write(host.join("proc/sys/kernel/osrelease"), format!("{kernel}\n"))?;
-    std::fs::write(host.join("proc/sys/kernel/random/boot_id"), format!("{BOOT_ID}\n"))?;
-    std::fs::write(host.join("proc/modules"), "")?;
-    std::fs::write(host.join("proc/devices"), "Character devices:\n  1 mem\n  4 tty\n\nBlock devices:\n  8 sd\n")?;
-    std::fs::create_dir_all(host.join("dev"))
 }
 
 /// The running webhook; stopped on drop.
