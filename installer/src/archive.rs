@@ -3,13 +3,18 @@
 //! Everything that could write outside the staging directory or plant something dangerous on the
 //! host is refused: absolute paths, `..`, links leaving the bundle, hard links, device and FIFO
 //! entries, setuid/setgid/sticky bits, and entries or totals beyond the limits. Each regular file
-//! is hashed as it is written and synced before the caller publishes the directory.
+//! is hashed as it is read and synced before the caller publishes the directory.
+//!
+//! Hashing and the filesystem work run on threads of their own ([`Writer`]): the disk takes the
+//! bytes while one thread hashes them and the calling thread decompresses and checks what follows.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 
 use sha2::{Digest, Sha256};
 
@@ -135,6 +140,29 @@ impl PathMap {
 
 /// Extract the tar stream `reader` into `dest` (an empty directory).
 pub fn extract(reader: impl Read, dest: &Path, map: &PathMap, limits: Limits, source: &str) -> Result<Extracted> {
+    let mut writer = Writer::start(dest, source)?;
+    let extracted = extract_entries(reader, dest, map, limits, source, &mut writer);
+    // Whatever happens, the writer has stopped touching `dest` when this returns.
+    let digests = writer.finish();
+    let mut extracted = extracted?;
+    let mut digests = digests?;
+    for (key, file) in &mut extracted.files {
+        file.sha256 = digests.remove(key).ok_or_else(|| Error::Archive {
+            source_name: source.to_owned(),
+            reason: format!("{key} was not hashed"),
+        })?;
+    }
+    Ok(extracted)
+}
+
+fn extract_entries(
+    reader: impl Read,
+    dest: &Path,
+    map: &PathMap,
+    limits: Limits,
+    source: &str,
+    writer: &mut Writer,
+) -> Result<Extracted> {
     let mut archive = tar::Archive::new(reader);
     let mut extracted = Extracted::default();
     let mut count = 0usize;
@@ -180,8 +208,7 @@ pub fn extract(reader: impl Read, dest: &Path, map: &PathMap, limits: Limits, so
         match kind {
             tar::EntryType::Directory => {
                 if let Some(target) = map.map(&rel, &mut extracted).map_err(&hostile)? {
-                    let path = dest.join(&target);
-                    std::fs::create_dir_all(&path).map_err(|e| Error::io("creating", &path, e))?;
+                    writer.send(Op::Dir(dest.join(&target)))?;
                 }
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
@@ -206,13 +233,12 @@ pub fn extract(reader: impl Read, dest: &Path, map: &PathMap, limits: Limits, so
                     return Err(hostile("duplicate entry".to_owned()));
                 }
                 let file_mode = if mode & 0o111 != 0 { 0o755 } else { 0o644 };
-                let (sha256, written) =
-                    write_file(&mut entry, &dest.join(&target), file_mode, size).map_err(|e| match e {
-                        WriteError::Io(path, error) => Error::io("writing", &path, error),
-                        WriteError::Read(error) => broken(format!("entry {}: {error}", raw.display())),
-                    })?;
-                extracted.total_bytes += written;
-                extracted.files.insert(key, FileEntry { sha256, size: written, mode: file_mode });
+                writer.send(Op::Create { path: dest.join(&target), mode: file_mode, key: key.clone() })?;
+                copy_file(&mut entry, size, writer)?
+                    .map_err(|error| broken(format!("entry {}: {error}", raw.display())))?;
+                extracted.total_bytes += size;
+                // The digest comes from the hashing thread when the extraction is done.
+                extracted.files.insert(key, FileEntry { sha256: String::new(), size, mode: file_mode });
             }
             tar::EntryType::Symlink => {
                 let target = entry
@@ -230,10 +256,9 @@ pub fn extract(reader: impl Read, dest: &Path, map: &PathMap, limits: Limits, so
                 if extracted.files.contains_key(&key) || extracted.links.contains_key(&key) {
                     return Err(hostile("duplicate entry".to_owned()));
                 }
-                let path = dest.join(&at);
-                create_parent(&path)?;
-                std::os::unix::fs::symlink(&target, &path).map_err(|e| Error::io("linking", &path, e))?;
-                extracted.links.insert(key, target.display().to_string());
+                let link = target.display().to_string();
+                writer.send(Op::Symlink { path: dest.join(&at), target })?;
+                extracted.links.insert(key, link);
             }
             tar::EntryType::Link => return Err(hostile("hard links are not allowed in a bundle".to_owned())),
             tar::EntryType::Char | tar::EntryType::Block => {
@@ -246,9 +271,217 @@ pub fn extract(reader: impl Read, dest: &Path, map: &PathMap, limits: Limits, so
     Ok(extracted)
 }
 
-enum WriteError {
-    Io(PathBuf, io::Error),
-    Read(io::Error),
+/// Read one file's `size` bytes from `entry` and hand them to `writer`. The outer error is the
+/// writer's; the inner one says the archive ended or broke inside the file.
+fn copy_file(entry: &mut impl Read, size: u64, writer: &mut Writer) -> Result<io::Result<()>> {
+    let mut read = 0u64;
+    loop {
+        let mut buffer = writer.buffer();
+        let mut len = 0;
+        while len < buffer.len() {
+            match entry.read(&mut buffer[len..]) {
+                Ok(0) => break,
+                Ok(n) => len += n,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Ok(Err(error)),
+            }
+        }
+        if len == 0 {
+            break;
+        }
+        read += len as u64;
+        writer.send(Op::Data { buffer, len })?;
+    }
+    if read != size {
+        return Ok(Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{read} of {size} bytes"))));
+    }
+    writer.send(Op::Close)?;
+    Ok(Ok(()))
+}
+
+/// What the writer thread does, in the order the archive asks for it.
+enum Op {
+    Dir(PathBuf),
+    Symlink {
+        path: PathBuf,
+        target: PathBuf,
+    },
+    /// A new regular file, `key` in the bundle; the `Data` that follow are its bytes, up to
+    /// `Close`.
+    Create {
+        path: PathBuf,
+        mode: u32,
+        key: String,
+    },
+    Data {
+        buffer: Vec<u8>,
+        len: usize,
+    },
+    Close,
+}
+
+/// Size of the chunks handed to the writer thread.
+const CHUNK: usize = 256 * 1024;
+/// Chunks waiting for the hashing thread, and for the writer: enough to ride out a stall of the
+/// disk, little memory.
+const QUEUED_CHUNKS: usize = 4;
+
+/// The threads that hash each file and perform an extraction's filesystem work, in that order.
+/// Chunk buffers come back to be filled again, so a large archive allocates a handful of them.
+struct Writer {
+    source: String,
+    ops: Option<mpsc::SyncSender<Op>>,
+    spare: mpsc::Receiver<Vec<u8>>,
+    hasher: Option<JoinHandle<BTreeMap<String, String>>>,
+    digests: Option<BTreeMap<String, String>>,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl Writer {
+    fn start(dest: &Path, source: &str) -> Result<Self> {
+        let (ops, queued) = mpsc::sync_channel(QUEUED_CHUNKS);
+        let (hashed, to_write) = mpsc::sync_channel(QUEUED_CHUNKS);
+        let (returned, spare) = mpsc::sync_channel(2 * QUEUED_CHUNKS + 3);
+        let starting = |e| Error::io("starting the extraction threads for", dest, e);
+        let thread = std::thread::Builder::new()
+            .name("stage-writer".to_owned())
+            .spawn(move || perform(to_write, returned))
+            .map_err(starting)?;
+        // Should this fail, the writer ends: its queue closes with the hasher never started.
+        let hasher = std::thread::Builder::new()
+            .name("stage-hasher".to_owned())
+            .spawn(move || hash(queued, hashed))
+            .map_err(starting)?;
+        Ok(Self {
+            source: source.to_owned(),
+            ops: Some(ops),
+            spare,
+            hasher: Some(hasher),
+            digests: None,
+            thread: Some(thread),
+        })
+    }
+
+    fn buffer(&self) -> Vec<u8> {
+        self.spare.try_recv().unwrap_or_else(|_| vec![0; CHUNK])
+    }
+
+    /// Queue `op`; if the writer has stopped, its error.
+    fn send(&mut self, op: Op) -> Result<()> {
+        let sent = self.ops.as_ref().is_some_and(|ops| ops.send(op).is_ok());
+        if sent {
+            return Ok(());
+        }
+        match self.join() {
+            Err(error) => Err(error),
+            Ok(()) => Err(Error::Archive {
+                source_name: self.source.clone(),
+                reason: "the extraction's writer thread stopped".to_owned(),
+            }),
+        }
+    }
+
+    /// Wait until everything queued is hashed and written (or the writer failed); the digest of
+    /// every file by its key.
+    fn finish(mut self) -> Result<BTreeMap<String, String>> {
+        self.join()?;
+        Ok(self.digests.take().unwrap_or_default())
+    }
+
+    fn join(&mut self) -> Result<()> {
+        self.ops = None;
+        if let Some(hasher) = self.hasher.take() {
+            self.digests = Some(hasher.join().map_err(|_| Error::Archive {
+                source_name: self.source.clone(),
+                reason: "the extraction's hashing thread panicked".to_owned(),
+            })?);
+        }
+        match self.thread.take().map(JoinHandle::join) {
+            None => Ok(()),
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(Error::Archive {
+                source_name: self.source.clone(),
+                reason: "the extraction's writer thread panicked".to_owned(),
+            }),
+        }
+    }
+}
+
+/// The hashing thread: the sha256 of each file's bytes, on their way to the writer. It stops
+/// when the extraction is done or the writer has stopped.
+fn hash(ops: mpsc::Receiver<Op>, writer: mpsc::SyncSender<Op>) -> BTreeMap<String, String> {
+    let mut digests = BTreeMap::new();
+    let mut file: Option<(String, Sha256)> = None;
+    for op in ops {
+        match &op {
+            Op::Create { key, .. } => file = Some((key.clone(), Sha256::new())),
+            Op::Data { buffer, len } => {
+                if let Some((_, hasher)) = file.as_mut() {
+                    hasher.update(&buffer[..*len]);
+                }
+            }
+            Op::Close => {
+                if let Some((key, hasher)) = file.take() {
+                    digests.insert(key, hex::encode(hasher.finalize()));
+                }
+            }
+            Op::Dir(_) | Op::Symlink { .. } => {}
+        }
+        if writer.send(op).is_err() {
+            break;
+        }
+    }
+    digests
+}
+
+/// The writer thread: perform `ops` until the extraction is done or something fails.
+fn perform(ops: mpsc::Receiver<Op>, returned: mpsc::SyncSender<Vec<u8>>) -> Result<()> {
+    struct Open {
+        file: File,
+        path: PathBuf,
+        written: u64,
+        flushed: u64,
+    }
+    let mut open: Option<Open> = None;
+    for op in ops {
+        match op {
+            Op::Dir(path) => std::fs::create_dir_all(&path).map_err(|e| Error::io("creating", &path, e))?,
+            Op::Symlink { path, target } => {
+                create_parent(&path)?;
+                std::os::unix::fs::symlink(&target, &path).map_err(|e| Error::io("linking", &path, e))?;
+            }
+            Op::Create { path, mode, .. } => {
+                create_parent(&path)?;
+                let file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(mode)
+                    .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+                    .open(&path)
+                    .map_err(|e| Error::io("creating", &path, e))?;
+                open = Some(Open { file, path, written: 0, flushed: 0 });
+            }
+            Op::Data { buffer, len } => {
+                let Some(file) = open.as_mut() else { continue };
+                file.file.write_all(&buffer[..len]).map_err(|e| Error::io("writing", &file.path, e))?;
+                file.written += len as u64;
+                if file.written - file.flushed >= WRITEBACK_CHUNK {
+                    start_writeback(&file.file, file.flushed, file.written);
+                    file.flushed = file.written;
+                }
+                // The extraction allocates a new one when none is back in time.
+                let _ = returned.try_send(buffer);
+            }
+            Op::Close => {
+                // Synced with the whole tree before publishing (sync_tree): the kernel writes back
+                // meanwhile.
+                if let Some(file) = open.take() {
+                    start_writeback(&file.file, file.flushed, file.written);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn create_parent(path: &Path) -> Result<()> {
@@ -256,51 +489,6 @@ fn create_parent(path: &Path) -> Result<()> {
         std::fs::create_dir_all(parent).map_err(|e| Error::io("creating", parent, e))?;
     }
     Ok(())
-}
-
-fn write_file(
-    entry: &mut impl Read,
-    path: &Path,
-    mode: u32,
-    size: u64,
-) -> std::result::Result<(String, u64), WriteError> {
-    let io = |e| WriteError::Io(path.to_owned(), e);
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| WriteError::Io(parent.to_owned(), e))?;
-    }
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
-        .open(path)
-        .map_err(io)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 256 * 1024];
-    let mut written = 0u64;
-    let mut flushed = 0u64;
-    loop {
-        let n = entry.read(&mut buffer).map_err(WriteError::Read)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-        file.write_all(&buffer[..n]).map_err(io)?;
-        written += n as u64;
-        if written - flushed >= WRITEBACK_CHUNK {
-            start_writeback(&file, flushed, written);
-            flushed = written;
-        }
-    }
-    start_writeback(&file, flushed, written);
-    if written != size {
-        return Err(WriteError::Read(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("{written} of {size} bytes"),
-        )));
-    }
-    // Synced with the whole tree before publishing (sync_tree): the kernel writes back meanwhile.
-    Ok((hex::encode(hasher.finalize()), written))
 }
 
 /// Written bytes are handed to the disk in chunks of this size as the extraction goes on.

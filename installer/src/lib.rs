@@ -24,8 +24,9 @@ use std::path::{Path, PathBuf};
 /// Errors of the installer. Each names the bucket, key, path, module or kernel involved.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{action} {path}: {source}")]
-    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    /// The I/O error is part of the message (not a `source`), so that `{:#}` says it once.
+    #[error("{action} {path}: {error}")]
+    Io { action: &'static str, path: PathBuf, error: std::io::Error },
     #[error("archive {source_name}: {reason}")]
     Archive { source_name: String, reason: String },
     #[error("archive {source_name} refused: entry {entry:?}: {reason}")]
@@ -62,7 +63,7 @@ pub enum Error {
 
 impl Error {
     pub fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {
-        Self::Io { action, path: path.to_owned(), source }
+        Self::Io { action, path: path.to_owned(), error: source }
     }
 
     pub fn s3(operation: &'static str, bucket: &str, key: &str, reason: String) -> Self {

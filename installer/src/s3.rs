@@ -1,6 +1,8 @@
 //! The bucket: client construction, object keys, and ranged, resumable, parallel downloads.
 
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_sdk_s3::Client;
@@ -211,8 +213,24 @@ pub async fn get_range(
     etag: Option<&str>,
     transfer: &Transfer,
 ) -> Result<Bytes> {
+    get_range_into(client, bucket, key, first, last, etag, transfer, BytesMut::new()).await
+}
+
+/// [`get_range`] into `buffer` (emptied first; grown when too small).
+#[allow(clippy::too_many_arguments)]
+async fn get_range_into(
+    client: &Client,
+    bucket: &str,
+    key: &str,
+    first: u64,
+    last: u64,
+    etag: Option<&str>,
+    transfer: &Transfer,
+    mut buffer: BytesMut,
+) -> Result<Bytes> {
     let want = usize::try_from(last - first + 1).map_err(|_| Error::s3("GET", bucket, key, "part too large".into()))?;
-    let mut buffer = BytesMut::with_capacity(want);
+    buffer.clear();
+    buffer.reserve(want);
     let mut attempt = 0u32;
     loop {
         let from = first + buffer.len() as u64;
@@ -267,8 +285,48 @@ pub async fn get_range(
     }
 }
 
+/// Buffers of downloaded parts, handed back by the consumer once it is done with a part, so that
+/// a long download reuses a few allocations instead of faulting in fresh memory for every part.
+#[derive(Debug, Clone, Default)]
+pub struct PartBuffers(Arc<Mutex<Vec<BytesMut>>>);
+
+impl PartBuffers {
+    /// Keep `part`'s memory for a later part, if nothing else holds it.
+    pub fn give_back(&self, part: Bytes) {
+        if let Ok(buffer) = part.try_into_mut()
+            && let Ok(mut buffers) = self.0.lock()
+        {
+            buffers.push(buffer);
+        }
+    }
+
+    /// A buffer to fill: one handed back, or a new one.
+    pub fn take(&self) -> BytesMut {
+        self.0.lock().ok().and_then(|mut buffers| buffers.pop()).unwrap_or_default()
+    }
+}
+
+/// A spawned part download, cancelled when dropped (a failed download stops the others).
+struct PartTask(tokio::task::JoinHandle<Result<Bytes>>);
+
+impl Drop for PartTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Future for PartTask {
+    type Output = Result<Result<Bytes>, tokio::task::JoinError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx)
+    }
+}
+
 /// Download `size` bytes of an object in parts, in parallel, and send them in order to `sink`.
-/// At most `concurrency` parts are in memory. Returns the number of bytes sent.
+/// Each part downloads in a task of its own, so transfers go on while the consumer is busy; at
+/// most `concurrency` parts are in flight or waiting. Returns the number of bytes sent.
+#[allow(clippy::too_many_arguments)]
 pub async fn download(
     client: &Client,
     bucket: &str,
@@ -277,11 +335,22 @@ pub async fn download(
     etag: Option<&str>,
     transfer: &Transfer,
     sink: mpsc::Sender<Bytes>,
+    buffers: &PartBuffers,
 ) -> Result<u64> {
     let part = transfer.part_size.max(64 * 1024);
     let parts: Vec<(u64, u64)> = (0..size.div_ceil(part)).map(|i| (i * part, ((i + 1) * part).min(size) - 1)).collect();
     let mut stream = futures::stream::iter(parts)
-        .map(|(first, last)| get_range(client, bucket, key, first, last, etag, transfer))
+        .map(|(first, last)| {
+            let (client, bucket_name, key_name) = (client.clone(), bucket.to_owned(), key.to_owned());
+            let (etag, transfer, buffer) = (etag.map(str::to_owned), *transfer, buffers.take());
+            let task = PartTask(tokio::spawn(async move {
+                get_range_into(&client, &bucket_name, &key_name, first, last, etag.as_deref(), &transfer, buffer).await
+            }));
+            async move {
+                task.await
+                    .map_err(|e| Error::s3("GET", bucket, key, format!("bytes={first}-{last}: download task: {e}")))?
+            }
+        })
         .buffered(transfer.concurrency.max(1));
     let started = Instant::now();
     let mut sent = 0u64;
@@ -310,4 +379,34 @@ pub async fn download(
         }
     }
     Ok(sent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_part_handed_back_is_filled_again_in_the_same_memory() {
+        let buffers = PartBuffers::default();
+        let mut buffer = buffers.take();
+        buffer.extend_from_slice(&[7; 1000]);
+        let part = buffer.freeze();
+        let address = part.as_ptr();
+        buffers.give_back(part);
+        let mut again = buffers.take();
+        again.clear();
+        again.reserve(1000);
+        assert_eq!(again.as_ptr(), address);
+        assert_eq!(buffers.take().capacity(), 0, "the pool had one buffer");
+    }
+
+    #[test]
+    fn a_part_still_held_elsewhere_is_left_alone() {
+        let buffers = PartBuffers::default();
+        let part = Bytes::from(vec![1u8; 64]);
+        let held = part.clone();
+        buffers.give_back(part);
+        assert_eq!(buffers.take().capacity(), 0);
+        assert_eq!(&held[..], &[1u8; 64][..]);
+    }
 }

@@ -176,16 +176,9 @@ async fn download_and_publish(layout: &Layout, request: &StageRequest, bundle: &
     info!(source = %source, bytes = located.size, "downloading bundle");
 
     let staging = new_staging(layout, request)?;
-    let feed = |sender| {
-        s3::download(
-            &client,
-            &request.s3.bucket,
-            &located.key,
-            located.size,
-            located.etag.as_deref(),
-            &request.transfer,
-            sender,
-        )
+    let (key, size, etag) = (&located.key, located.size, located.etag.as_deref());
+    let feed = |sender, buffers| async move {
+        s3::download(&client, &request.s3.bucket, key, size, etag, &request.transfer, sender, &buffers).await
     };
     let started = std::time::Instant::now();
     let result = pipeline(feed, request.limits, &located, &staging, &source)
@@ -255,11 +248,13 @@ pub async fn stage_archive_locked(layout: &Layout, request: &StageRequest, archi
     }
     let staging = new_staging(layout, request)?;
     let path = archive_path.to_owned();
-    let feed = |sender: mpsc::Sender<Bytes>| async move {
+    let feed = |sender: mpsc::Sender<Bytes>, buffers: s3::PartBuffers| async move {
         let mut file = tokio::fs::File::open(&path).await.map_err(|e| Error::io("reading", &path, e))?;
         let mut sent = 0u64;
         loop {
-            let mut buffer = bytes::BytesMut::with_capacity(1 << 20);
+            let mut buffer = buffers.take();
+            buffer.clear();
+            buffer.reserve(1 << 20);
             let n = tokio::io::AsyncReadExt::read_buf(&mut file, &mut buffer)
                 .await
                 .map_err(|e| Error::io("reading", &path, e))?;
@@ -277,25 +272,39 @@ pub async fn stage_archive_locked(layout: &Layout, request: &StageRequest, archi
     Ok(Staged { bundle, manifest, downloaded_from: None, current, held_back_by })
 }
 
-/// Reads the downloaded parts in order.
+/// Reads the downloaded parts in order, in place (a `BufRead`: the decoder reads the parts'
+/// bytes without another copy), and hands each part's memory back when done with it.
 struct PartReader {
     parts: mpsc::Receiver<Bytes>,
+    buffers: s3::PartBuffers,
     current: Bytes,
+    at: usize,
     bytes: u64,
+}
+
+impl std::io::BufRead for PartReader {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        while self.at == self.current.len() {
+            let Some(next) = self.parts.blocking_recv() else { return Ok(&[]) };
+            self.buffers.give_back(std::mem::replace(&mut self.current, next));
+            self.at = 0;
+        }
+        Ok(&self.current[self.at..])
+    }
+
+    fn consume(&mut self, n: usize) {
+        let n = n.min(self.current.len() - self.at);
+        self.at += n;
+        self.bytes += n as u64;
+    }
 }
 
 impl Read for PartReader {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        while self.current.is_empty() {
-            match self.parts.blocking_recv() {
-                Some(bytes) => self.current = bytes,
-                None => return Ok(0),
-            }
-        }
-        let n = out.len().min(self.current.len());
-        out[..n].copy_from_slice(&self.current[..n]);
-        self.current = self.current.slice(n..);
-        self.bytes += n as u64;
+        let available = std::io::BufRead::fill_buf(self)?;
+        let n = out.len().min(available.len());
+        out[..n].copy_from_slice(&available[..n]);
+        std::io::BufRead::consume(self, n);
         Ok(n)
     }
 }
@@ -308,7 +317,7 @@ async fn pipeline<F, Fut>(
     source: &str,
 ) -> Result<(archive::Extracted, String)>
 where
-    F: FnOnce(mpsc::Sender<Bytes>) -> Fut,
+    F: FnOnce(mpsc::Sender<Bytes>, s3::PartBuffers) -> Fut,
     Fut: std::future::Future<Output = Result<u64>>,
 {
     // feed -> hashing (its own task, beside the extraction thread) -> extraction
@@ -328,16 +337,18 @@ where
     let dest = staging.to_owned();
     let source_name = source.to_owned();
     let gzip = located.key.ends_with(".gz");
+    let buffers = s3::PartBuffers::default();
+    let parts = buffers.clone();
     let extraction = tokio::task::spawn_blocking(move || -> Result<(archive::Extracted, u64)> {
-        let mut reader = PartReader { parts: receiver, current: Bytes::new(), bytes: 0 };
+        let mut reader = PartReader { parts: receiver, buffers: parts, current: Bytes::new(), at: 0, bytes: 0 };
         let broken = |e: std::io::Error| Error::Archive { source_name: source_name.clone(), reason: e.to_string() };
         let extracted = if gzip {
-            let mut decoder = flate2::read::GzDecoder::new(&mut reader);
+            let mut decoder = flate2::bufread::GzDecoder::new(&mut reader);
             let extracted = archive::extract(&mut decoder, &dest, &map, limits, &source_name)?;
             std::io::copy(&mut decoder, &mut std::io::sink()).map_err(broken)?;
             extracted
         } else {
-            let mut decoder = zstd::stream::read::Decoder::new(&mut reader).map_err(broken)?;
+            let mut decoder = zstd::stream::read::Decoder::with_buffer(&mut reader).map_err(broken)?;
             let extracted = archive::extract(&mut decoder, &dest, &map, limits, &source_name)?;
             std::io::copy(&mut decoder, &mut std::io::sink()).map_err(broken)?;
             extracted
@@ -346,7 +357,7 @@ where
         std::io::copy(&mut reader, &mut std::io::sink()).map_err(broken)?;
         Ok((extracted, reader.bytes))
     });
-    let downloaded = feed(sender).await;
+    let downloaded = feed(sender, buffers).await;
     let extracted =
         extraction.await.map_err(|e| Error::Archive { source_name: source.to_owned(), reason: e.to_string() })?;
     // A download failure explains a broken stream better than the decoder's complaint.
@@ -485,4 +496,48 @@ fn switch_current(layout: &Layout, request: &StageRequest) -> Result<(bool, Opti
     std::fs::rename(&tmp, &current).map_err(|e| Error::io("switching", &current, e))?;
     archive::sync_dir(layout.root())?;
     Ok((true, None))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use super::*;
+
+    fn reader(parts: &[Bytes]) -> (PartReader, s3::PartBuffers) {
+        let (sender, receiver) = mpsc::channel(parts.len().max(1));
+        for part in parts {
+            sender.try_send(part.clone()).expect("queued");
+        }
+        let buffers = s3::PartBuffers::default();
+        (PartReader { parts: receiver, buffers: buffers.clone(), current: Bytes::new(), at: 0, bytes: 0 }, buffers)
+    }
+
+    #[test]
+    fn parts_read_as_one_stream_and_their_memory_comes_back() {
+        let first = Bytes::from(b"abc".to_vec());
+        let address = first.as_ptr();
+        let (mut reader, buffers) = reader(&[first, Bytes::new(), Bytes::from(b"defgh".to_vec())]);
+        let mut out = String::new();
+        reader.read_to_string(&mut out).expect("read");
+        assert_eq!(out, "abcdefgh");
+        assert_eq!(reader.bytes, 8);
+        let mut taken: Vec<_> = std::iter::repeat_with(|| buffers.take()).take(3).collect();
+        taken.retain(|b| b.capacity() >= 3);
+        assert_eq!(taken.len(), 1, "the first part came back; the last is still being read");
+        assert_eq!(taken[0].as_ptr(), address);
+    }
+
+    #[test]
+    fn the_decoder_reads_a_stream_split_anywhere_in_place() {
+        let data: Vec<u8> = (0..200_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let compressed = zstd::encode_all(&data[..], 3).expect("compress");
+        let parts: Vec<Bytes> = compressed.chunks(777).map(Bytes::copy_from_slice).collect();
+        let (mut reader, _) = reader(&parts);
+        let mut decoder = zstd::stream::read::Decoder::with_buffer(&mut reader).expect("decoder");
+        let mut out = Vec::new();
+        decoder.read_to_end(&mut out).expect("decode");
+        assert_eq!(out, data);
+        assert_eq!(reader.bytes, compressed.len() as u64);
+    }
 }

@@ -152,3 +152,53 @@ async fn wait_times_out_with_a_reason_and_returns_when_the_marker_appears() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("restarted"));
 }
+
+/// A full disk: the host's `/opt` is a 12 MiB tmpfs (mounted in a mount namespace of the test's
+/// own, where both runs and the look at the result happen). A small bundle stages; a larger one
+/// fails naming the file it could not write, publishes nothing, leaves no staging behind, and the
+/// bundle in use stays current.
+#[tokio::test]
+#[ignore = "needs unshare(1) and tmpfs mounts (root, or unprivileged user namespaces)"]
+async fn a_full_disk_fails_naming_the_file_and_publishes_nothing() {
+    const BIG: &str = "550.54.14";
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let work = tempfile::tempdir().expect("work");
+    publish_bundle(&server, work.path(), KERNEL, DRIVER, 1 << 20).await;
+    publish_bundle(&server, work.path(), KERNEL, BIG, 24 << 20).await;
+    let host_dir = tempfile::tempdir().expect("host");
+    let layout = host(host_dir.path());
+    std::fs::create_dir_all(host_dir.path().join("opt")).expect("opt");
+    let script = r#"
+        mount -t tmpfs -o size=12m tmpfs "$HOST/opt" || exit 90
+        "$BIN" stage 2>"$WORK/small.log"; echo "small=$?"
+        NVIDIA_DRIVER_VERSION="$BIG" "$BIN" stage 2>"$WORK/big.log"; echo "big=$?"
+        echo "current=$(readlink "$HOST/opt/nvidia-installer/current")"
+        find "$HOST/opt/nvidia-installer" -mindepth 1 -maxdepth 3 | sed "s|^$HOST||" | sort
+    "#;
+    let output = Command::new("unshare")
+        .args(["--mount", "--map-root-user", "sh", "-c", script])
+        .envs(installer(&server, host_dir.path()).get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .env("HOST", host_dir.path())
+        .env("WORK", work.path())
+        .env("BIN", env!("CARGO_BIN_EXE_nvidia-installer"))
+        .env("BIG", BIG)
+        .output()
+        .expect("unshare");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let big_log = std::fs::read_to_string(work.path().join("big.log")).unwrap_or_default();
+    let context = format!("{stdout}\n{}\nbig run:\n{big_log}", String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{context}");
+    assert!(stdout.contains("small=0"), "{context}");
+    assert!(!stdout.contains("big=0"), "the big bundle cannot fit: {context}");
+    assert_eq!(big_log.matches("No space left on device").count(), 1, "said once: {context}");
+    assert!(big_log.contains("/opt/nvidia-installer/staging/"), "the error names the file: {context}");
+    let small = format!("/opt/nvidia-installer/cache/{KERNEL}/{DRIVER}");
+    assert!(stdout.contains(&format!("current=cache/{KERNEL}/{DRIVER}")), "{context}");
+    let tree: Vec<&str> = stdout.lines().filter(|l| l.starts_with('/')).collect();
+    assert!(tree.contains(&small.as_str()), "{context}");
+    assert!(!tree.iter().any(|l| l.contains(BIG)), "nothing of the big bundle stays: {context}");
+    assert!(!tree.iter().any(|l| l.starts_with("/opt/nvidia-installer/staging/")), "no staging left: {context}");
+    // Outside the namespace the host root is untouched: the tmpfs was never mounted here.
+    assert!(!layout.current().exists());
+}
