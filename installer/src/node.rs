@@ -1,6 +1,7 @@
 //! The node's driver state in Kubernetes: labels and Events on the Node object.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::api::events::v1::Event;
@@ -86,16 +87,51 @@ impl Reporter {
 }
 
 async fn publish(client: &kube::Client, node: &str, report: &Report) -> Result<()> {
-    let fail = |what: &str, e: kube::Error| Error::Node { node: node.to_owned(), reason: format!("{what}: {e}") };
     let nodes: Api<Node> = Api::all(client.clone());
-    nodes
-        .patch(node, &PatchParams::default(), &Patch::Merge(report.label_patch()))
-        .await
-        .map_err(|e| fail("patching labels", e))?;
+    let (patch, params) = (Patch::Merge(report.label_patch()), PatchParams::default());
+    with_retries("patching labels", node, || nodes.patch(node, &params, &patch)).await?;
     let events: Api<Event> = Api::namespaced(client.clone(), "default");
-    events.create(&PostParams::default(), &event(node, report)).await.map_err(|e| fail("creating the event", e))?;
+    let (event, params) = (event(node, report), PostParams::default());
+    with_retries("creating the event", node, || events.create(&params, &event)).await?;
     info!(node, ready = report.ready, driver = %report.driver_version, "node labelled");
     Ok(())
+}
+
+/// Attempts for one API write, and the wait before the first retry (doubling: at most 3 s in all).
+const ATTEMPTS: u32 = 5;
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Whether an API error may pass: server errors and failed connections. (kube's client already
+/// retries 429, 503 and 504 itself, honouring `Retry-After`.) Refusals (403, 404, 422) fail at once.
+fn transient(error: &kube::Error) -> bool {
+    match error {
+        kube::Error::Api(status) => matches!(status.code, 500 | 502),
+        kube::Error::HyperError(_) | kube::Error::Service(_) => true,
+        _ => false,
+    }
+}
+
+async fn with_retries<T, F, Fut>(what: &'static str, node: &str, mut call: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::result::Result<T, kube::Error>>,
+{
+    let mut backoff = FIRST_BACKOFF;
+    let mut attempt = 1;
+    loop {
+        match call().await {
+            Ok(value) => return Ok(value),
+            Err(error) if attempt < ATTEMPTS && transient(&error) => {
+                warn!(node, what, %error, attempt, "transient API error; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+                attempt += 1;
+            }
+            Err(error) => {
+                return Err(Error::Node { node: node.to_owned(), reason: format!("{what}: {error}") });
+            }
+        }
+    }
 }
 
 /// The Event recorded on the Node.

@@ -318,3 +318,34 @@ async fn an_api_refusal_does_not_fail_a_working_install() {
     assert!(layout.ready().is_file(), "the host state is what pods wait on");
     assert_eq!(calls(&api.writes()), vec![call("PATCH", NODE_PATH, 403)], "no Event after the refused patch");
 }
+
+#[tokio::test]
+async fn transient_api_errors_are_retried() {
+    let api = ApiServer::start();
+    let dir = tempfile::tempdir().expect("dir");
+    let kubeconfig = api.kubeconfig(dir.path());
+    api.insert(NODE_PATH, node_object());
+    let (_server, request, host) = node_with_bundle(dir.path()).await;
+    let layout = nvidia_installer::layout::Layout::new(&host, "/opt/nvidia-installer");
+    let reporter =
+        nvidia_installer::node::Reporter::Kube { client: kube_client(&kubeconfig).await, node: NODE.to_owned() };
+    // 503 is retried by kube's client, 500 and 502 by the installer.
+    api.fail_next("PATCH", NODE_PATH, 503);
+    api.fail_next("PATCH", NODE_PATH, 500);
+    api.fail_next("POST", EVENTS, 502);
+    let kernel = SimKernel::new(&host);
+    nvidia_installer::install::install(&layout, &request, &kernel, &reporter).await.expect("install");
+    assert_eq!(
+        calls(&api.writes()),
+        vec![
+            call("PATCH", NODE_PATH, 503),
+            call("PATCH", NODE_PATH, 500),
+            call("PATCH", NODE_PATH, 200),
+            call("POST", EVENTS, 502),
+            call("POST", EVENTS, 201),
+        ]
+    );
+    let node = api.object(NODE_PATH).expect("node");
+    assert_eq!(node["metadata"]["labels"][format!("{P}driver-ready")], "true");
+    assert_eq!(api.objects(EVENTS).len(), 1, "one Event, not one per attempt");
+}
