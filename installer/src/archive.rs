@@ -76,9 +76,19 @@ fn normal(path: &Path) -> PathBuf {
 }
 
 /// Whether a link at `link` (bundle-relative) pointing at `target` stays inside the bundle.
+/// `..` may only lead the target: after a name it would climb out of wherever that name
+/// resolves to, which may itself be a link (`a -> .`, then `b -> a/../..` leaves the bundle).
 fn link_stays_inside(link: &Path, target: &Path) -> bool {
     if target.is_absolute() {
         return false;
+    }
+    let mut named = false;
+    for component in target.components() {
+        match component {
+            Component::Normal(_) => named = true,
+            Component::ParentDir if named => return false,
+            _ => {}
+        }
     }
     let mut depth: Vec<&std::ffi::OsStr> = link
         .parent()
@@ -388,22 +398,34 @@ impl Writer {
         Ok(self.digests.take().unwrap_or_default())
     }
 
+    /// Close the queue and wait for both threads, whatever happened to either.
     fn join(&mut self) -> Result<()> {
         self.ops = None;
-        if let Some(hasher) = self.hasher.take() {
-            self.digests = Some(hasher.join().map_err(|_| Error::Archive {
-                source_name: self.source.clone(),
-                reason: "the extraction's hashing thread panicked".to_owned(),
-            })?);
-        }
-        match self.thread.take().map(JoinHandle::join) {
+        let panicked = |thread: &str| Error::Archive {
+            source_name: self.source.clone(),
+            reason: format!("the extraction's {thread} thread panicked"),
+        };
+        let hashed = match self.hasher.take().map(JoinHandle::join) {
+            None => Ok(()),
+            Some(Ok(digests)) => {
+                self.digests = Some(digests);
+                Ok(())
+            }
+            Some(Err(_)) => Err(panicked("hashing")),
+        };
+        let written = match self.thread.take().map(JoinHandle::join) {
             None => Ok(()),
             Some(Ok(result)) => result,
-            Some(Err(_)) => Err(Error::Archive {
-                source_name: self.source.clone(),
-                reason: "the extraction's writer thread panicked".to_owned(),
-            }),
-        }
+            Some(Err(_)) => Err(panicked("writer")),
+        };
+        written.and(hashed)
+    }
+}
+
+impl Drop for Writer {
+    /// Even when the extraction unwinds, nothing touches the staging directory afterwards.
+    fn drop(&mut self) {
+        let _ = self.join();
     }
 }
 
@@ -548,6 +570,11 @@ mod tests {
         assert!(link_stays_inside(Path::new("bin/x"), Path::new("../lib/y")));
         assert!(!link_stays_inside(Path::new("bin/x"), Path::new("../../etc/passwd")));
         assert!(!link_stays_inside(Path::new("lib64"), Path::new("/usr/lib")));
+        // Through another link: with `lib/a -> .`, `lib/a/../..` is the bundle's parent.
+        assert!(link_stays_inside(Path::new("lib/a"), Path::new(".")));
+        assert!(!link_stays_inside(Path::new("lib/b"), Path::new("a/../..")));
+        assert!(!link_stays_inside(Path::new("lib/c"), Path::new("../lib64/../..")));
+        assert!(link_stays_inside(Path::new("lib/d"), Path::new("./../bin/./x")));
     }
 
     #[test]

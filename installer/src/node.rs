@@ -103,6 +103,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Whether an API error may pass: server errors and failed connections. (kube's client already
 /// retries 429, 503 and 504 itself, honouring `Retry-After`.) Refusals (403, 404, 422) fail at once.
+/// A connection lost after the API server created an Event can make a retry record it twice; the
+/// label patch is idempotent.
 fn transient(error: &kube::Error) -> bool {
     match error {
         kube::Error::Api(status) => matches!(status.code, 500 | 502),

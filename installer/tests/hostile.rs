@@ -85,6 +85,15 @@ fn links_out_of_the_bundle_and_writes_through_links() {
     let (message, _dir) = refused(finish(tar), Limits::default());
     assert!(message.contains("through the link"), "{message}");
 
+    // A link that climbs out through another link: with `lib/here -> .`, `lib/here/../..` is the
+    // bundle's parent, though it reads as if it stayed inside.
+    let mut tar = Vec::new();
+    entry(&mut tar, "lib/here", tar::EntryType::Symlink, 0o777, b"", Some("."));
+    entry(&mut tar, "lib/out", tar::EntryType::Symlink, 0o777, b"", Some("here/../.."));
+    let (message, dir) = refused(finish(tar), Limits::default());
+    assert!(message.contains("lib/out") && message.contains("points outside the bundle"), "{message}");
+    assert!(!dir.path().join("staging/lib/out").exists());
+
     let mut tar = Vec::new();
     ok_file(&mut tar);
     entry(&mut tar, "bin/hard", tar::EntryType::Link, 0o644, b"", Some("bin/nvidia-smi"));
