@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use integration_tests::s3::{Options, S3Server};
 use nvidia_installer::pack::{self, BundleInfo};
-use nvidia_installer::s3::{BundleKeys, S3Options};
+use nvidia_installer::s3::BundleKeys;
 use sha2::Digest;
 
 const KERNEL: &str = "6.1.0-47-amd64";
@@ -72,14 +72,7 @@ fn main() {
     server.put_file(BUCKET, &keys.archive, &archive);
     server.put_object(BUCKET, &keys.manifest, packed.to_json());
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let options = S3Options {
-        bucket: BUCKET.into(),
-        endpoint: Some(server.endpoint().into()),
-        region: Some(server.region().into()),
-        ca_file: Some(server.ca_file().into()),
-        access_key_id: Some(server.access_key().into()),
-        secret_access_key: Some(server.secret_key().into()),
-    };
+    let options = integration_tests::fixtures::s3_options(&server, BUCKET);
     let client = runtime.block_on(nvidia_installer::s3::client(&options)).expect("client");
 
     // Ours: the real binary, as the DaemonSet runs it; alternating, round by round, with the two

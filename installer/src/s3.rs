@@ -199,26 +199,14 @@ pub async fn get_small(
     if size == 0 {
         return Ok(Some(Vec::new()));
     }
-    let bytes = get_range(client, bucket, key, 0, size - 1, etag.as_deref(), transfer).await?;
+    let bytes = get_range(client, bucket, key, 0, size - 1, etag.as_deref(), transfer, BytesMut::new()).await?;
     Ok(Some(bytes.to_vec()))
 }
 
-/// Bytes `first..=last` of an object, retried with backoff, resuming after what already arrived.
-pub async fn get_range(
-    client: &Client,
-    bucket: &str,
-    key: &str,
-    first: u64,
-    last: u64,
-    etag: Option<&str>,
-    transfer: &Transfer,
-) -> Result<Bytes> {
-    get_range_into(client, bucket, key, first, last, etag, transfer, BytesMut::new()).await
-}
-
-/// [`get_range`] into `buffer` (emptied first; grown when too small).
+/// Bytes `first..=last` of an object into `buffer` (emptied first; grown when too small), retried
+/// with backoff, resuming after what already arrived.
 #[allow(clippy::too_many_arguments)]
-async fn get_range_into(
+pub async fn get_range(
     client: &Client,
     bucket: &str,
     key: &str,
@@ -344,7 +332,7 @@ pub async fn download(
             let (client, bucket_name, key_name) = (client.clone(), bucket.to_owned(), key.to_owned());
             let (etag, transfer, buffer) = (etag.map(str::to_owned), *transfer, buffers.take());
             let task = PartTask(tokio::spawn(async move {
-                get_range_into(&client, &bucket_name, &key_name, first, last, etag.as_deref(), &transfer, buffer).await
+                get_range(&client, &bucket_name, &key_name, first, last, etag.as_deref(), &transfer, buffer).await
             }));
             async move {
                 task.await

@@ -224,6 +224,31 @@ async fn kube_client(kubeconfig: &Path) -> kube::Client {
     kube::Client::try_from(config).expect("client")
 }
 
+/// A GPU node: its Node object in the API, a host root, and a bucket holding the driver bundle.
+struct GpuNode {
+    api: ApiServer,
+    _dir: tempfile::TempDir,
+    _server: S3Server,
+    request: nvidia_installer::install::InstallRequest,
+    host: PathBuf,
+    layout: nvidia_installer::layout::Layout,
+    reporter: nvidia_installer::node::Reporter,
+}
+
+impl GpuNode {
+    async fn start() -> Self {
+        let api = ApiServer::start();
+        let dir = tempfile::tempdir().expect("dir");
+        let kubeconfig = api.kubeconfig(dir.path());
+        api.insert(NODE_PATH, node_object());
+        let (server, request, host) = node_with_bundle(dir.path()).await;
+        let layout = nvidia_installer::layout::Layout::new(&host, "/opt/nvidia-installer");
+        let reporter =
+            nvidia_installer::node::Reporter::Kube { client: kube_client(&kubeconfig).await, node: NODE.to_owned() };
+        Self { api, _dir: dir, _server: server, request, host, layout, reporter }
+    }
+}
+
 /// A host root and a bucket holding the driver bundle.
 async fn node_with_bundle(work: &Path) -> (S3Server, nvidia_installer::install::InstallRequest, PathBuf) {
     let server = S3Server::start();
@@ -258,14 +283,7 @@ fn node_object() -> Value {
 
 #[tokio::test]
 async fn install_labels_its_node_and_records_events_through_the_api() {
-    let api = ApiServer::start();
-    let dir = tempfile::tempdir().expect("dir");
-    let kubeconfig = api.kubeconfig(dir.path());
-    api.insert(NODE_PATH, node_object());
-    let (_server, request, host) = node_with_bundle(dir.path()).await;
-    let layout = nvidia_installer::layout::Layout::new(&host, "/opt/nvidia-installer");
-    let reporter =
-        nvidia_installer::node::Reporter::Kube { client: kube_client(&kubeconfig).await, node: NODE.to_owned() };
+    let GpuNode { api, _dir, _server, request, host, layout, reporter } = GpuNode::start().await;
 
     // A node without a GPU: the install fails, and the node says so.
     let mut kernel = SimKernel::new(&host);
@@ -303,14 +321,7 @@ async fn install_labels_its_node_and_records_events_through_the_api() {
 
 #[tokio::test]
 async fn an_api_refusal_does_not_fail_a_working_install() {
-    let api = ApiServer::start();
-    let dir = tempfile::tempdir().expect("dir");
-    let kubeconfig = api.kubeconfig(dir.path());
-    api.insert(NODE_PATH, node_object());
-    let (_server, request, host) = node_with_bundle(dir.path()).await;
-    let layout = nvidia_installer::layout::Layout::new(&host, "/opt/nvidia-installer");
-    let reporter =
-        nvidia_installer::node::Reporter::Kube { client: kube_client(&kubeconfig).await, node: NODE.to_owned() };
+    let GpuNode { api, _dir, _server, request, host, layout, reporter } = GpuNode::start().await;
     api.fail_next("PATCH", NODE_PATH, 403);
     let kernel = SimKernel::new(&host);
     let marker = nvidia_installer::install::install(&layout, &request, &kernel, &reporter).await.expect("install");
@@ -321,14 +332,7 @@ async fn an_api_refusal_does_not_fail_a_working_install() {
 
 #[tokio::test]
 async fn transient_api_errors_are_retried() {
-    let api = ApiServer::start();
-    let dir = tempfile::tempdir().expect("dir");
-    let kubeconfig = api.kubeconfig(dir.path());
-    api.insert(NODE_PATH, node_object());
-    let (_server, request, host) = node_with_bundle(dir.path()).await;
-    let layout = nvidia_installer::layout::Layout::new(&host, "/opt/nvidia-installer");
-    let reporter =
-        nvidia_installer::node::Reporter::Kube { client: kube_client(&kubeconfig).await, node: NODE.to_owned() };
+    let GpuNode { api, _dir, _server, request, host, layout, reporter } = GpuNode::start().await;
     // 503 is retried by kube's client, 500 and 502 by the installer.
     api.fail_next("PATCH", NODE_PATH, 503);
     api.fail_next("PATCH", NODE_PATH, 500);

@@ -10,7 +10,7 @@ use std::fmt;
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 use serde::Deserialize;
-use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, IgnoredAny, SeqAccess, Visitor};
 
 /// A pod as the mutation sees it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -154,9 +154,9 @@ impl<'de> Visitor<'de> for EnvVisitor {
     fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<EnvView, A::Error> {
         let mut view = EnvView::default();
         while let Some(var) = items.next_element::<EnvEntry>()? {
-            if var.library_path {
+            if var.library_path.0 {
                 view.library_path =
-                    Some(LibraryPath { index: view.len, value: var.value, from_reference: var.from_reference });
+                    Some(LibraryPath { index: view.len, value: var.value, from_reference: var.value_from.is_some() });
             }
             view.len += 1;
         }
@@ -165,77 +165,15 @@ impl<'de> Visitor<'de> for EnvVisitor {
 }
 
 /// One variable: whether it is `LD_LIBRARY_PATH` (its name is compared, not kept), its value,
-/// and whether it has a `valueFrom`. Values of other variables are read and dropped.
+/// and whether it has a `valueFrom`. Other fields are skipped unread.
+#[derive(Deserialize)]
 struct EnvEntry {
-    library_path: bool,
+    #[serde(rename = "name")]
+    library_path: IsLibraryPath,
+    #[serde(default)]
     value: Option<String>,
-    from_reference: bool,
-}
-
-impl<'de> Deserialize<'de> for EnvEntry {
-    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(EntryVisitor)
-    }
-}
-
-struct EntryVisitor;
-
-impl<'de> Visitor<'de> for EntryVisitor {
-    type Value = EnvEntry;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("an environment variable")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<EnvEntry, A::Error> {
-        let mut entry = EnvEntry { library_path: false, value: None, from_reference: false };
-        let mut named = false;
-        while let Some(key) = map.next_key::<EnvKey>()? {
-            match key {
-                EnvKey::Name => {
-                    entry.library_path = map.next_value::<IsLibraryPath>()?.0;
-                    named = true;
-                }
-                EnvKey::Value => entry.value = map.next_value()?,
-                EnvKey::ValueFrom => entry.from_reference = map.next_value::<Option<IgnoredAny>>()?.is_some(),
-                EnvKey::Other => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-        }
-        if !named {
-            return Err(de::Error::missing_field("name"));
-        }
-        Ok(entry)
-    }
-}
-
-enum EnvKey {
-    Name,
-    Value,
-    ValueFrom,
-    Other,
-}
-
-impl<'de> Deserialize<'de> for EnvKey {
-    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl Visitor<'_> for KeyVisitor {
-            type Value = EnvKey;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a field name")
-            }
-            fn visit_str<E: de::Error>(self, key: &str) -> Result<EnvKey, E> {
-                Ok(match key {
-                    "name" => EnvKey::Name,
-                    "value" => EnvKey::Value,
-                    "valueFrom" => EnvKey::ValueFrom,
-                    _ => EnvKey::Other,
-                })
-            }
-        }
-        deserializer.deserialize_identifier(KeyVisitor)
-    }
+    #[serde(default, rename = "valueFrom")]
+    value_from: Option<IgnoredAny>,
 }
 
 /// Whether a string is `LD_LIBRARY_PATH`, read without keeping it.

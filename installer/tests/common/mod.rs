@@ -76,14 +76,7 @@ pub fn pack_bundle(dir: &Path, kernel: &str, driver: &str, out: &Path) -> Manife
 }
 
 pub fn options(server: &S3Server) -> S3Options {
-    S3Options {
-        bucket: BUCKET.to_owned(),
-        endpoint: Some(server.endpoint().to_owned()),
-        region: Some(server.region().to_owned()),
-        ca_file: Some(server.ca_file().to_owned()),
-        access_key_id: Some(server.access_key().to_owned()),
-        secret_access_key: Some(server.secret_key().to_owned()),
-    }
+    integration_tests::fixtures::s3_options(server, BUCKET)
 }
 
 pub fn request(server: &S3Server, kernel: &str, driver: &str) -> StageRequest {
