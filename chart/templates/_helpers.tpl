@@ -188,6 +188,11 @@ nvidia-installer command lines.
       fieldPath: spec.nodeName
 - name: RUST_LOG
   value: {{ include "nvidia-installer.logLevel" . | quote }}
+{{- with .Values.nvidiaInstaller.kernelRelease }}
+# For $(KERNEL_RELEASE) in arguments such as compiler.kernelHeaders.
+- name: KERNEL_RELEASE
+  value: {{ . | quote }}
+{{- end }}
 {{- end }}
 
 {{/* Bucket credentials from driverBucketSecret, with the original system's keys; none for role-based credentials. */}}
@@ -293,4 +298,53 @@ imagePullSecrets:
 {{- $source = printf "https://us.download.nvidia.com/tesla/%s/NVIDIA-Linux-x86_64-%s.run" .Values.nvidiaInstaller.driverVersion .Values.nvidiaInstaller.driverVersion }}
 {{- end }}
 {{- $source }}
+{{- end }}
+
+{{/*
+The service account token, mounted only into the container that talks to the API server (the pod
+sets automountServiceAccountToken: false so that no other container holds it). The same contents
+the kubelet would mount: a bound token, the cluster's CA and the namespace.
+*/}}
+{{- define "nvidia-installer.apiTokenVolume" -}}
+- name: api-token
+  projected:
+    sources:
+      - serviceAccountToken:
+          path: token
+          expirationSeconds: 3607
+      - configMap:
+          name: kube-root-ca.crt
+          items:
+            - key: ca.crt
+              path: ca.crt
+      - downwardAPI:
+          items:
+            - path: namespace
+              fieldRef:
+                apiVersion: v1
+                fieldPath: metadata.namespace
+{{- end }}
+
+{{- define "nvidia-installer.apiTokenMount" -}}
+- name: api-token
+  mountPath: /var/run/secrets/kubernetes.io/serviceaccount
+  readOnly: true
+{{- end }}
+
+{{/*
+Milliseconds of a duration value (e.g. 1m30s, 1.5s, 500ms), fractions and sub-millisecond units
+rounded up.
+*/}}
+{{- define "nvidia-installer.durationMillis" -}}
+{{- $total := 0 }}
+{{- $factors := dict "h" 3600000 "m" 60000 "s" 1000 "ms" 1 "us" 1 "ns" 1 }}
+{{- range regexFindAll "[0-9]+(\\.[0-9]+)?(ns|us|ms|s|m|h)" (toString .) -1 }}
+{{- $unit := regexFind "(ns|us|ms|s|m|h)$" . }}
+{{- $number := regexFind "^[0-9]+" . | atoi }}
+{{- if or (contains "." .) (has $unit (list "us" "ns")) }}
+{{- $number = add1 $number }}
+{{- end }}
+{{- $total = add $total (mul $number (get $factors $unit)) }}
+{{- end }}
+{{- $total }}
 {{- end }}

@@ -55,6 +55,7 @@ The install step of the installer DaemonSet: an init container, or a main contai
       mountPropagation: HostToContainer
     - name: tmp
       mountPath: /tmp
+    {{- include "nvidia-installer.apiTokenMount" . | nindent 4 }}
     {{- if .Values.allowCompilation }}
     - name: cmd
       mountPath: /cmd

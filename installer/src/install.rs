@@ -120,23 +120,38 @@ async fn install_locked(layout: &Layout, request: &InstallRequest, kernel: &dyn 
     }
     let plan = plan_loads(layout, kernel_release, &staged, &request.modules)?;
     let mut loader = Loader { layout, kernel, loaded_now: Vec::new() };
-    if let Err(error) = loader.load_all(&plan) {
-        loader.roll_back();
-        return Err(error);
+    let mut nodes_made = Vec::new();
+    let ready = loader.load_all(&plan).and_then(|()| {
+        make_device_nodes(layout, kernel, &request.modules, &mut nodes_made)?;
+        run_smi(layout, kernel, &staged)?;
+        let marker = ReadyMarker {
+            driver_version: wanted.clone(),
+            kernel_release: kernel_release.clone(),
+            sha256: staged.manifest.archive.as_ref().map(|a| a.sha256.clone()).unwrap_or_default(),
+            ready_at: ready::now_rfc3339(),
+            boot_id: layout.boot_id(),
+            bundle: Layout::bundle_relative(kernel_release, wanted).display().to_string(),
+        };
+        ready::write_marker(layout, &marker)?;
+        Ok(marker)
+    });
+    match ready {
+        Ok(marker) => {
+            info!(driver = %marker.driver_version, kernel = %marker.kernel_release, "driver ready");
+            Ok(marker)
+        }
+        Err(error) => {
+            // Leave the node as this run found it: no device nodes of its own, no modules it loaded.
+            for path in nodes_made.iter().rev() {
+                match std::fs::remove_file(path) {
+                    Ok(()) => info!(device = %path.display(), "removed after the failure"),
+                    Err(e) => warn!(device = %path.display(), error = %e, "could not remove after the failure"),
+                }
+            }
+            loader.roll_back();
+            Err(error)
+        }
     }
-    make_device_nodes(layout, kernel, &request.modules)?;
-    run_smi(layout, kernel, &staged)?;
-    let marker = ReadyMarker {
-        driver_version: wanted.clone(),
-        kernel_release: kernel_release.clone(),
-        sha256: staged.manifest.archive.as_ref().map(|a| a.sha256.clone()).unwrap_or_default(),
-        ready_at: ready::now_rfc3339(),
-        boot_id: layout.boot_id(),
-        bundle: Layout::bundle_relative(kernel_release, wanted).display().to_string(),
-    };
-    ready::write_marker(layout, &marker)?;
-    info!(driver = %marker.driver_version, kernel = %marker.kernel_release, "driver ready");
-    Ok(marker)
 }
 
 /// Another driver version is ready (staging held the new one back) or loaded: the node must be
@@ -168,7 +183,11 @@ pub async fn dry_run(layout: &Layout, request: &InstallRequest) -> Result<Plan> 
     let wanted = &request.stage.driver_version;
     let staged = stage::stage_locked(layout, &request.stage).await?;
     refuse_other_loaded(layout, &staged, wanted)?;
-    let modules = plan_loads(layout, &request.stage.kernel_release, &staged, &request.modules)?;
+    let mut planner = Planner::new(layout, &request.stage.kernel_release, &staged);
+    // Planned away from the node (a temp host root without the kernel's modules), an in-tree
+    // dependency is listed as the node will resolve it rather than failing the plan.
+    planner.unresolved_in_tree_ok = true;
+    let modules = planner.plan(&request.modules)?;
     let dev = layout.host("/dev");
     let device_nodes = node_specs(&request.modules)
         .into_iter()
@@ -195,6 +214,15 @@ impl std::fmt::Display for Plan {
             let from = if module.in_tree { "the kernel's own modules" } else { "the bundle" };
             if module.loaded {
                 line(f, format!("skip {}: already loaded", module.name))?;
+            } else if module.in_tree && module.path.ends_with("modules.dep") {
+                line(
+                    f,
+                    format!(
+                        "finit_module {} and the modules it depends on, as listed in {} (from {from}; not readable here)",
+                        module.name,
+                        module.path.display()
+                    ),
+                )?;
             } else {
                 line(f, format!("finit_module {} ({}, from {from})", module.path.display(), module.name))?;
             }
@@ -207,7 +235,7 @@ impl std::fmt::Display for Plan {
         line(f, "label the node driver-ready=true and driver-version, and record a DriverReady Event".to_owned())?;
         writeln!(
             f,
-            "On failure at any step: unload what this run loaded (newest first), remove the ready marker, label driver-ready=false."
+            "On failure at any step: remove the device nodes this run created, unload what it loaded (newest first), remove the ready marker, label driver-ready=false."
         )
     }
 }
@@ -246,15 +274,7 @@ pub fn plan_loads(
     staged: &Staged,
     modules: &[String],
 ) -> Result<Vec<ModuleLoad>> {
-    let mut wanted: Vec<&str> = ORDER.iter().copied().filter(|m| modules.iter().any(|w| w == m)).collect();
-    for extra in modules.iter().filter(|m| !ORDER.contains(&m.as_str())) {
-        wanted.push(extra);
-    }
-    let mut planner = Planner { layout, kernel_release, staged, loaded: loaded_modules(layout), plan: Vec::new() };
-    for name in wanted {
-        planner.bundled(name)?;
-    }
-    Ok(planner.plan)
+    Planner::new(layout, kernel_release, staged).plan(modules)
 }
 
 struct Planner<'a> {
@@ -263,9 +283,27 @@ struct Planner<'a> {
     staged: &'a Staged,
     loaded: BTreeSet<String>,
     plan: Vec<ModuleLoad>,
+    /// List an in-tree dependency whose `modules.dep` cannot be read instead of failing.
+    unresolved_in_tree_ok: bool,
 }
 
-impl Planner<'_> {
+impl<'a> Planner<'a> {
+    fn new(layout: &'a Layout, kernel_release: &'a str, staged: &'a Staged) -> Self {
+        let loaded = loaded_modules(layout);
+        Self { layout, kernel_release, staged, loaded, plan: Vec::new(), unresolved_in_tree_ok: false }
+    }
+
+    fn plan(mut self, modules: &[String]) -> Result<Vec<ModuleLoad>> {
+        let mut wanted: Vec<&str> = ORDER.iter().copied().filter(|m| modules.iter().any(|w| w == m)).collect();
+        for extra in modules.iter().filter(|m| !ORDER.contains(&m.as_str())) {
+            wanted.push(extra);
+        }
+        for name in wanted {
+            self.bundled(name)?;
+        }
+        Ok(self.plan)
+    }
+
     fn planned(&self, name: &str) -> bool {
         self.plan.iter().any(|m| kernel_name(&m.name) == kernel_name(name))
     }
@@ -318,7 +356,14 @@ impl Planner<'_> {
             self.push(name, path, true);
             return Ok(());
         }
-        let (path, depends) = in_tree(self.layout, self.kernel_release, name)?;
+        let (path, depends) = match in_tree(self.layout, self.kernel_release, name) {
+            Err(Error::Io { path, .. }) if self.unresolved_in_tree_ok => {
+                // `path` is modules.dep: the module and its own dependencies are found there on the node.
+                self.plan.push(ModuleLoad { name: name.to_owned(), path, in_tree: true, loaded: false });
+                return Ok(());
+            }
+            found => found?,
+        };
         for dependency in depends {
             self.dependency(&dependency)?;
         }
@@ -455,7 +500,8 @@ fn node_specs(modules: &[String]) -> Vec<NodeSpec> {
     specs
 }
 
-fn make_device_nodes(layout: &Layout, kernel: &dyn Kernel, modules: &[String]) -> Result<()> {
+/// Create the device nodes that are missing or wrong; `made` gets each node this call created.
+fn make_device_nodes(layout: &Layout, kernel: &dyn Kernel, modules: &[String], made: &mut Vec<PathBuf>) -> Result<()> {
     let majors = char_majors(layout)?;
     let devices = layout.host("/proc/devices");
     let major = |names: &[&str]| -> Result<u64> {
@@ -493,6 +539,7 @@ fn make_device_nodes(layout: &Layout, kernel: &dyn Kernel, modules: &[String]) -
         }
         kernel.mknod(&path, major, minor).map_err(|e| Error::Device { path: path.clone(), reason: e.to_string() })?;
         info!(device = %path.display(), major, minor, "device node created");
+        made.push(path);
     }
     Ok(())
 }

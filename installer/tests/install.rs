@@ -103,6 +103,66 @@ async fn no_gpu_unloads_what_was_loaded_and_leaves_no_marker() {
 }
 
 #[tokio::test]
+async fn a_failing_nvidia_smi_removes_the_device_nodes_and_unloads_what_was_loaded() {
+    let (server, _work) = setup().await;
+    let host_dir = tempfile::tempdir().expect("host");
+    let layout = host(host_dir.path());
+    let mut kernel = SimKernel::new(host_dir.path());
+    kernel.fail = Some(("nvidia-smi".into(), 9));
+    kernel.gpus = 1;
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let request = InstallRequest {
+        stage: request(&server, KERNEL, DRIVER),
+        modules: modules(&["nvidia", "nvidia-uvm"]),
+        compile: None,
+    };
+    let error = install(&layout, &request, &kernel, &Reporter::Record(reports.clone())).await.expect_err("smi fails");
+    let message = error.to_string();
+    assert!(message.contains("nvidia-smi") && message.contains("couldn't communicate"), "{message}");
+    let smi = format!("/opt/nvidia-installer/cache/{KERNEL}/{DRIVER}/bin/nvidia-smi");
+    assert_eq!(
+        kernel.calls(),
+        vec![
+            Call::Load("nvidia".into()),
+            Call::Load("nvidia_uvm".into()),
+            Call::Mknod("dev/nvidia0".into(), 195, 0),
+            Call::Mknod("dev/nvidiactl".into(), 195, 255),
+            Call::Mknod("dev/nvidia-uvm".into(), 511, 0),
+            Call::Mknod("dev/nvidia-uvm-tools".into(), 511, 1),
+            Call::Run(smi),
+            Call::Unload("nvidia_uvm".into()),
+            Call::Unload("nvidia".into()),
+        ]
+    );
+    for node in ["nvidia0", "nvidiactl", "nvidia-uvm", "nvidia-uvm-tools"] {
+        assert!(!host_dir.path().join("dev").join(node).exists(), "/dev/{node} left behind");
+    }
+    assert!(ready::read_marker(&layout).is_none());
+    let reports = reports.lock().expect("reports").clone();
+    assert!(!reports[0].ready && reports[0].reason == "DriverInstallFailed");
+}
+
+#[tokio::test]
+async fn modules_loaded_before_the_run_stay_loaded_when_it_fails() {
+    let (server, _work) = setup().await;
+    let host_dir = tempfile::tempdir().expect("host");
+    let layout = host(host_dir.path());
+    let request =
+        InstallRequest { stage: request(&server, KERNEL, DRIVER), modules: modules(&["nvidia"]), compile: None };
+    let first = SimKernel::new(host_dir.path());
+    install(&layout, &request, &first, &Reporter::Log).await.expect("first install");
+    // The same driver, already loaded, and now nvidia-smi fails: nothing of the earlier run is undone.
+    let mut kernel = SimKernel::new(host_dir.path());
+    kernel.fail = Some(("nvidia-smi".into(), 9));
+    install(&layout, &request, &kernel, &Reporter::Log).await.expect_err("smi fails");
+    let calls = kernel.calls();
+    assert!(calls.iter().any(|c| matches!(c, Call::Run(p) if p.ends_with("/bin/nvidia-smi"))), "{calls:?}");
+    assert!(!calls.iter().any(|c| matches!(c, Call::Load(_) | Call::Unload(_))), "{calls:?}");
+    assert!(std::fs::read_to_string(host_dir.path().join("proc/modules")).expect("modules").starts_with("nvidia "));
+    assert!(ready::read_marker(&layout).is_none());
+}
+
+#[tokio::test]
 async fn another_loaded_version_is_a_clear_error_and_keeps_the_node_serving_it() {
     let (server, _work) = setup().await;
     let host_dir = tempfile::tempdir().expect("host");
@@ -196,6 +256,38 @@ async fn in_tree_dependencies_are_loaded_first_from_the_kernel() {
         loads,
         vec![Call::Load("drm_panel_orientation_quirks".into()), Call::Load("drm".into()), Call::Load("nvidia".into())]
     );
+}
+
+#[tokio::test]
+async fn an_in_tree_dependency_is_planned_away_from_the_node_but_install_needs_it() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let work = tempfile::tempdir().expect("work");
+    let dir = driver_dir(work.path(), KERNEL, DRIVER, 4096);
+    std::fs::write(dir.join("modules/nvidia.ko"), module_bytes("nvidia", KERNEL, "drm")).expect("module");
+    let out = work.path().join("b.tar.zst");
+    pack_bundle(&dir, KERNEL, DRIVER, &out);
+    let client = nvidia_installer::s3::client(&options(&server)).await.expect("client");
+    nvidia_installer::publish::publish(&client, BUCKET, &out, GARDENLINUX, false, &Default::default())
+        .await
+        .expect("publish");
+    // A host root without the kernel's modules (as local-flow's temp dir).
+    let host_dir = tempfile::tempdir().expect("host");
+    let layout = host(host_dir.path());
+    let request =
+        InstallRequest { stage: request(&server, KERNEL, DRIVER), modules: modules(&["nvidia"]), compile: None };
+    let plan = dry_run(&layout, &request).await.expect("dry run");
+    let dep = host_dir.path().join(format!("lib/modules/{KERNEL}/modules.dep"));
+    assert_eq!(plan.modules[0].name, "drm");
+    assert_eq!(plan.modules[0].path, dep);
+    let text = plan.to_string();
+    assert!(text.contains("finit_module drm and the modules it depends on, as listed in"), "{text}");
+    assert!(text.contains("not readable here"), "{text}");
+    // The install itself must find it, and says where it looked.
+    let kernel = SimKernel::new(host_dir.path());
+    let error = install(&layout, &request, &kernel, &Reporter::Log).await.expect_err("no modules.dep");
+    assert!(error.to_string().contains(&dep.display().to_string()), "{error}");
+    assert!(kernel.calls().is_empty(), "{:?}", kernel.calls());
 }
 
 #[tokio::test]

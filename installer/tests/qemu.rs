@@ -50,6 +50,18 @@ fn static_installer() -> PathBuf {
         "{}: {text}",
         path.display()
     );
+    // Built from the sources under test, not left over from an earlier build.
+    let built = std::fs::metadata(&path).and_then(|m| m.modified()).expect("binary mtime");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    for entry in std::fs::read_dir(&src).expect("installer sources").flatten() {
+        let changed = entry.metadata().and_then(|m| m.modified()).expect("source mtime");
+        assert!(
+            changed <= built,
+            "{} is older than {}: rebuild it (scripts/test does)",
+            path.display(),
+            entry.path().display()
+        );
+    }
     path
 }
 
@@ -301,6 +313,9 @@ fn boot_and_check(release: &str) {
     let real_manifest = pack::read_inner_manifest(&real).expect("real bundle");
     let nvidia = real_manifest.modules.iter().find(|m| m.name == "nvidia").expect("nvidia.ko");
     let needs_drm = nvidia.depends.iter().any(|d| d == "drm");
+    // As seen on these kernels: Debian's 6.1 build of nvidia.ko needs the in-tree drm, the 6.12
+    // cloud build does not.
+    assert_eq!(needs_drm, release.starts_with("6.1."), "nvidia.ko depends on {:?} for {release}", nvidia.depends);
 
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let steps = boot(&guest, work.path(), &[(DRIVER, &real), (STAND_IN, &stand_in)]);

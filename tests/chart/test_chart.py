@@ -153,8 +153,11 @@ def test_renders(case: str) -> None:
     assert objs, "nothing rendered"
     for obj in objs:
         assert obj["metadata"]["name"]
-        if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration"):
-            assert obj["metadata"]["namespace"] == render.NAMESPACE
+        if obj["kind"] in ("ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration"):
+            continue
+        # The one exception: the installer's right to record Events about Nodes, which live in `default`.
+        node_events = obj["kind"] in ("Role", "RoleBinding") and obj["metadata"]["name"].endswith("-node-events")
+        assert obj["metadata"]["namespace"] == ("default" if node_events else render.NAMESPACE)
     names = [(o["kind"], o["metadata"]["name"]) for o in objs]
     assert len(names) == len(set(names)), "two objects with the same kind and name"
 
@@ -250,8 +253,14 @@ def test_installer_privileged_step_is_the_init_container_only(case: str) -> None
     status = main[0]
     assert status["args"][:2] == ["status", "--watch"]
     assert not status["securityContext"].get("privileged")
-    host_mount = next(m for m in status["volumeMounts"] if m["name"] == "host-root")
-    assert host_mount["readOnly"] is True
+    # status sees the driver directory and the loaded module's version, read-only, not the host's root.
+    volumes = {v["name"]: v for v in daemonset["spec"]["template"]["spec"]["volumes"]}
+    mounted = {volumes[m["name"]]["hostPath"]["path"]: (m["mountPath"], m.get("readOnly"))
+               for m in status["volumeMounts"]}
+    assert mounted == {
+        "/opt/nvidia-installer": ("/host/opt/nvidia-installer", True),
+        "/sys/module": ("/host/sys/module", True),
+    }
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -305,10 +314,20 @@ def test_service_accounts_hold_only_what_they_need(case: str) -> None:
         assert compiler["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
         return
     installer = one(objs, "ClusterRole", "installer")
-    assert installer["rules"] == [
-        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["patch"]},
-        {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
-    ]
+    assert installer["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["patch"]}]
+    # Events about Nodes go to `default`, and only there.
+    [events] = [r for r in find(objs, "Role") if component(r) == "installer"]
+    assert events["metadata"]["namespace"] == "default"
+    assert events["rules"] == [{"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]}]
+    [events_binding] = [b for b in find(objs, "RoleBinding") if component(b) == "installer"]
+    assert events_binding["metadata"]["namespace"] == "default"
+    assert events_binding["roleRef"]["name"] == events["metadata"]["name"]
+    assert events_binding["subjects"] == [{"kind": "ServiceAccount", "name": installer_sa(objs),
+                                           "namespace": render.NAMESPACE}]
+    # Only the install step holds the API token.
+    daemonset = one(objs, "DaemonSet", "installer")
+    assert daemonset["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    assert token_holders(daemonset) == {"install"}
     for plugin in find(objs, "DaemonSet", "device-plugin"):
         assert plugin["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
     if not v["webhook"]["enabled"]:
@@ -316,15 +335,18 @@ def test_service_accounts_hold_only_what_they_need(case: str) -> None:
     webhook_roles = [r for r in find(objs, "Role") + find(objs, "ClusterRole") if component(r) == "webhook"]
     deployment = one(objs, "Deployment", "webhook")
     pod = deployment["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
     if v["webhook"]["certManager"]["enabled"]:
         assert webhook_roles == []
-        assert pod["automountServiceAccountToken"] is False
+        assert token_holders(deployment) == set()
         return
+    # The serving container, which faces the network, holds no token; the certs container does.
+    assert token_holders(deployment) == {"certs"}
     secret = pod["volumes"][0]["secret"]["secretName"]
     mwc = one(objs, "MutatingWebhookConfiguration")["metadata"]["name"]
     role = one(objs, "Role", "webhook")
     assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [secret], "verbs": ["get", "update", "patch"]},
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [secret], "verbs": ["get", "update"]},
         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
     ]
     cluster_role = one(objs, "ClusterRole", "webhook")
@@ -335,6 +357,25 @@ def test_service_accounts_hold_only_what_they_need(case: str) -> None:
     for binding in find(objs, "RoleBinding") + find(objs, "ClusterRoleBinding"):
         subjects = binding["subjects"]
         assert len(subjects) == 1 and subjects[0]["kind"] == "ServiceAccount"
+
+
+def token_holders(workload: dict[str, Any]) -> set[str]:
+    """Names of the containers that mount the service account token where the API clients look."""
+    return {c["name"] for _, c in containers(workload)
+            for m in c.get("volumeMounts", [])
+            if m["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount"}
+
+
+def installer_sa(objs: list[dict[str, Any]]) -> str:
+    return one(objs, "DaemonSet", "installer")["spec"]["template"]["spec"]["serviceAccountName"]
+
+
+def seconds(duration: str) -> float:
+    """A Go/humantime-style duration (1m30s, 1.5s, 500ms) in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
+    terms = re.findall(r"([0-9]+(?:\.[0-9]+)?)(ns|us|ms|s|m|h)", duration)
+    assert "".join(n + u for n, u in terms) == duration, duration
+    return sum(float(n) * units[u] for n, u in terms)
 
 
 # --- the webhook ------------------------------------------------------------------------------------
@@ -452,12 +493,23 @@ def test_webhook_deployment_is_highly_available_and_secure(case: str) -> None:
     assert webhook["--shutdown-delay"] == v["webhook"]["shutdownDelay"]
     assert webhook["--drain-timeout"] == v["webhook"]["drainTimeout"]
     grace = pod["terminationGracePeriodSeconds"]
-    assert grace > int(webhook["--shutdown-delay"].rstrip("s")) + int(webhook["--drain-timeout"].rstrip("s"))
+    assert grace > seconds(webhook["--shutdown-delay"]) + seconds(webhook["--drain-timeout"])
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         assert serve[probe]["httpGet"] == {"path": path, "port": "https", "scheme": "HTTPS"}
     tls = next(vol for vol in pod["volumes"] if vol["name"] == "tls")
     assert tls["secret"]["optional"] is True
+    # The serving pair only: the CA's private key is not mounted.
+    assert tls["secret"]["items"] == [{"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}]
     assert {"name": "tls", "mountPath": "/tls", "readOnly": True} in serve["volumeMounts"]
+
+
+@pytest.mark.parametrize(("delay", "drain", "least"), [("5s", "20s", 25), ("1m", "1.5s", 61.5),
+                                                       ("500ms", "1m30s", 90.5), ("1h", "0s", 3600)])
+def test_webhook_grace_period_outlasts_the_drain(delay: str, drain: str, least: float) -> None:
+    templates = render.render_templates({"webhook": {"shutdownDelay": delay, "drainTimeout": drain}})
+    pod = one(render.objects(templates), "Deployment", "webhook")["spec"]["template"]["spec"]
+    assert seconds(delay) + seconds(drain) == least
+    assert least < pod["terminationGracePeriodSeconds"] <= least + 6
 
 
 def test_certs_container_manages_the_mounted_secret() -> None:
@@ -472,7 +524,13 @@ def test_certs_container_manages_the_mounted_secret() -> None:
     assert args["--secret"] == next(v for v in pod["volumes"] if v["name"] == "tls")["secret"]["secretName"]
     assert args["--service"] == one(objs, "Service", "webhook")["metadata"]["name"]
     assert args["--webhook-config"] == one(objs, "MutatingWebhookConfiguration")["metadata"]["name"]
-    assert pod["automountServiceAccountToken"] is True
+    assert pod["automountServiceAccountToken"] is False
+    assert token_holders(deployment) == {"certs"}
+    [token] = [v for v in pod["volumes"] if v["name"] == "api-token"]
+    sources = token["projected"]["sources"]
+    assert sources[0]["serviceAccountToken"]["path"] == "token"
+    assert sources[1]["configMap"] == {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+    assert sources[2]["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"] == "metadata.namespace"
     mwc = one(objs, "MutatingWebhookConfiguration")
     assert "cert-manager.io/inject-ca-from" not in mwc["metadata"].get("annotations", {})
 

@@ -18,7 +18,8 @@ pub enum Call {
 }
 
 /// Records every request and simulates its effect under the host root, as the kernel would show
-/// it in /proc and /sys. `fail` makes the load of that module fail with that errno.
+/// it in /proc and /sys. `fail` makes the load of that module fail with that errno, or, named
+/// `nvidia-smi`, makes running it exit with that code as it does when it cannot reach the driver.
 #[derive(Debug)]
 pub struct SimKernel {
     pub root: PathBuf,
@@ -107,6 +108,17 @@ impl Kernel for SimKernel {
 
     fn run(&self, program: &str, args: &[&str], library_dir: &str) -> io::Result<Output> {
         self.calls.lock().expect("calls").push(Call::Run(program.to_owned()));
+        if let Some((failing, code)) = &self.fail
+            && failing == "nvidia-smi"
+            && program.ends_with("/nvidia-smi")
+        {
+            return std::process::Command::new("/bin/sh")
+                .arg("-c")
+                .arg(format!(
+                    "echo \"NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\"; exit {code}"
+                ))
+                .output();
+        }
         std::process::Command::new(self.root.join(program.trim_start_matches('/')))
             .args(args)
             .env("LD_LIBRARY_PATH", self.root.join(library_dir.trim_start_matches('/')))

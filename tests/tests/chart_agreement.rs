@@ -1,8 +1,8 @@
 //! The chart and the binaries agree: render the chart with the real Helm engine, then run the
 //! binaries with exactly the commands, arguments and environment the rendered manifests give them
-//! (host root in a temp dir, the bucket on the loopback S3 server, the serving certificate from the
-//! certs step): the install step's staging, `nvidia-webhook serve`, and the `wait` init container
-//! that the webhook injects.
+//! (host root in a temp dir, the bucket on the loopback S3 server, the certs step against the
+//! loopback API server): the install step's staging, `nvidia-webhook certs`, `nvidia-webhook serve`
+//! with what the certs step stored, and the `wait` init container that the webhook injects.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use integration_tests::fixtures::workspace_binary;
+use integration_tests::kube::ApiServer;
 use integration_tests::s3::S3Server;
 use serde_json::Value;
 
@@ -163,23 +164,50 @@ async fn the_rendered_commands_run_as_the_binaries_expect() {
     let current = host.join("opt/nvidia-installer/current");
     assert!(current.join("bin/nvidia-smi").is_file(), "staged where the webhook mounts from");
 
-    // The webhook, as rendered, with the serving certificate the certs step stores.
-    let webhook = container(&docs, "Deployment", "containers", "webhook");
-    let names = nvidia_certs::service_dns_names("nvidia-installer-webhook", "kube-system");
-    let certificate = nvidia_certs::generate(&names, nvidia_certs::Lifetimes::default()).expect("certificate");
-    let target = nvidia_certs::store::Target {
-        namespace: "kube-system".into(),
-        secret: "nvidia-installer-webhook-tls".into(),
-        service: "nvidia-installer-webhook".into(),
-        webhook_config: "nvidia-installer-webhook".into(),
-        lifetimes: nvidia_certs::Lifetimes::default(),
+    // The certs step, as rendered (one pass instead of --watch), against the loopback API server
+    // holding the rendered MutatingWebhookConfiguration: it stores the Secret and patches caBundle.
+    let api = ApiServer::start();
+    let rendered_config = docs.iter().find(|d| d["kind"] == "MutatingWebhookConfiguration").expect("webhook config");
+    let config_name = rendered_config["metadata"]["name"].as_str().expect("name");
+    let config_path = format!("/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{config_name}");
+    api.insert(&config_path, rendered_config.clone());
+    let certs = container(&docs, "Deployment", "containers", "certs");
+    let certs_args: Vec<String> = strings(&certs["args"]).into_iter().filter(|a| a != "--watch").collect();
+    let flag = |name: &str| {
+        certs_args.iter().find_map(|a| a.strip_prefix(&format!("--{name}=")).map(str::to_owned)).expect(name)
     };
-    let stored = nvidia_certs::store::to_secret(&target, &certificate, None);
+    let (namespace, service) = (flag("namespace"), flag("service"));
+    run(Command::new(workspace_binary("nvidia-webhook"))
+        .args(&certs_args)
+        .env("KUBECONFIG", api.kubeconfig(work.path()))
+        .env_remove("KUBERNETES_SERVICE_HOST"));
+    let stored = api
+        .object(&format!("/api/v1/namespaces/{namespace}/secrets/{}", flag("secret")))
+        .expect("the certs step stored the Secret");
+    let patched = api.object(&config_path).expect("webhook config");
+    let ca_bundle = patched["webhooks"][0]["clientConfig"]["caBundle"].as_str().expect("caBundle patched in");
+    let ca_pem = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, ca_bundle).expect("base64");
+
+    // The webhook, as rendered, with what its tls volume projects from that Secret: the listed
+    // items only (the CA's key stays out).
+    let webhook = container(&docs, "Deployment", "containers", "webhook");
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").expect("webhook deployment");
+    let volume = deployment["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == "tls")
+        .expect("tls volume");
+    assert_eq!(volume["secret"]["secretName"], stored["metadata"]["name"]);
     let tls = work.path().join("tls");
     std::fs::create_dir_all(&tls).expect("tls");
-    for (key, value) in stored.data.as_ref().expect("data") {
-        std::fs::write(tls.join(key), &value.0).expect("projected key");
+    let items = volume["secret"]["items"].as_array().expect("items");
+    for item in items {
+        let value = stored["data"][item["key"].as_str().expect("key")].as_str().expect("stored key");
+        let bytes = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, value).expect("base64");
+        std::fs::write(tls.join(item["path"].as_str().expect("path")), bytes).expect("projected key");
     }
+    assert!(!items.iter().any(|i| i["key"] == "ca.key"), "the serving container gets the CA's key");
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
     let args: Vec<String> = strings(&webhook["args"])
         .into_iter()
@@ -196,14 +224,16 @@ async fn the_rendered_commands_run_as_the_binaries_expect() {
         .collect();
     let mut serve =
         Command::new(workspace_binary("nvidia-webhook")).args(&args).stderr(Stdio::null()).spawn().expect("serve");
-    let ca_cert = reqwest::Certificate::from_pem(certificate.ca_cert.as_bytes()).expect("ca");
+    // The API server's view: the caBundle the certs step patched in, and the Service's DNS name.
+    let ca_cert = reqwest::Certificate::from_pem(&ca_pem).expect("ca");
+    let host_name = format!("{service}.{namespace}.svc");
     let client = reqwest::Client::builder()
         .add_root_certificate(ca_cert)
-        .resolve("nvidia-installer-webhook.kube-system.svc", ([127, 0, 0, 1], port).into())
+        .resolve(&host_name, ([127, 0, 0, 1], port).into())
         .build()
         .expect("client");
     let review = std::fs::read(root().join("webhook/tests/golden/gpu-pod-typical.review.json")).expect("review");
-    let url = format!("https://nvidia-installer-webhook.kube-system.svc:{port}/mutate");
+    let url = format!("https://{host_name}:{port}/mutate");
     let started = Instant::now();
     let answer: Value = loop {
         match client.post(&url).header("content-type", "application/json").body(review.clone()).send().await {

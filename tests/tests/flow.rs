@@ -75,8 +75,10 @@ fn start_init(pod: &Value, host: &Path, driver_root: &str) -> Child {
         let value = var["value"].as_str().expect("the init container's env has literal values only");
         env.push((var["name"].as_str().expect("name").to_owned(), value.to_owned()));
     }
+    // Only what the container is given: nothing of the test's environment leaks in.
     Command::new(workspace_binary("nvidia-installer"))
         .args(args)
+        .env_clear()
         .envs(env)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -103,7 +103,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => {
             println!(
-                "All {} steps passed in {:.1} s. Steps 7's operations need a node's kernel and a GPU: on a node, `install` performs them.",
+                "All {} steps passed in {:.1} s. The kernel operations `install --dry-run` listed need a node's kernel and a GPU: on a node, `install` performs them.",
                 flow.step,
                 flow.started.elapsed().as_secs_f64()
             );
@@ -585,8 +585,10 @@ fn gate(bins: &Binaries, init: &Value, host: &Path) -> Result<((), String), Stri
             env.push((name.to_owned(), value.to_owned()));
         }
     }
+    // Only what the container is given: nothing of this process's environment leaks in.
     let mut child = Command::new(bins.installer())
         .args(&args)
+        .env_clear()
         .envs(env)
         .env("NVIDIA_INSTALLER_LOG_FORMAT", "text")
         .stdout(Stdio::piped())
