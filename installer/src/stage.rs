@@ -273,13 +273,21 @@ pub async fn stage_archive_locked(layout: &Layout, request: &StageRequest, archi
 }
 
 /// Reads the downloaded parts in order, in place (a `BufRead`: the decoder reads the parts'
-/// bytes without another copy), and hands each part's memory back when done with it.
+/// bytes without another copy), hashes what is read as it goes (the archive's digest), and hands
+/// each part's memory back when done with it.
 struct PartReader {
     parts: mpsc::Receiver<Bytes>,
     buffers: s3::PartBuffers,
     current: Bytes,
     at: usize,
     bytes: u64,
+    digest: Sha256,
+}
+
+impl PartReader {
+    fn new(parts: mpsc::Receiver<Bytes>, buffers: s3::PartBuffers) -> Self {
+        Self { parts, buffers, current: Bytes::new(), at: 0, bytes: 0, digest: Sha256::new() }
+    }
 }
 
 impl std::io::BufRead for PartReader {
@@ -294,6 +302,7 @@ impl std::io::BufRead for PartReader {
 
     fn consume(&mut self, n: usize) {
         let n = n.min(self.current.len() - self.at);
+        self.digest.update(&self.current[self.at..self.at + n]);
         self.at += n;
         self.bytes += n as u64;
     }
@@ -320,27 +329,17 @@ where
     F: FnOnce(mpsc::Sender<Bytes>, s3::PartBuffers) -> Fut,
     Fut: std::future::Future<Output = Result<u64>>,
 {
-    // feed -> hashing (its own task, beside the extraction thread) -> extraction
-    let (sender, mut downloaded_parts) = mpsc::channel::<Bytes>(1);
-    let (hashed, receiver) = mpsc::channel::<Bytes>(2);
-    let hashing = tokio::spawn(async move {
-        let mut hasher = Sha256::new();
-        while let Some(bytes) = downloaded_parts.recv().await {
-            hasher.update(&bytes);
-            if hashed.send(bytes).await.is_err() {
-                break;
-            }
-        }
-        hex::encode(hasher.finalize())
-    });
+    // feed -> extraction, which hashes the archive as its decoder reads it. Parts waiting here
+    // are few: the feed keeps its own (bounded) parts in flight.
+    let (sender, receiver) = mpsc::channel::<Bytes>(1);
     let map = located.map.clone();
     let dest = staging.to_owned();
     let source_name = source.to_owned();
     let gzip = located.key.ends_with(".gz");
     let buffers = s3::PartBuffers::default();
     let parts = buffers.clone();
-    let extraction = tokio::task::spawn_blocking(move || -> Result<(archive::Extracted, u64)> {
-        let mut reader = PartReader { parts: receiver, buffers: parts, current: Bytes::new(), at: 0, bytes: 0 };
+    let extraction = tokio::task::spawn_blocking(move || -> Result<(archive::Extracted, u64, String)> {
+        let mut reader = PartReader::new(receiver, parts);
         let broken = |e: std::io::Error| Error::Archive { source_name: source_name.clone(), reason: e.to_string() };
         let extracted = if gzip {
             let mut decoder = flate2::bufread::GzDecoder::new(&mut reader);
@@ -355,15 +354,14 @@ where
         };
         // Whatever follows the compressed stream still counts towards the digest.
         std::io::copy(&mut reader, &mut std::io::sink()).map_err(broken)?;
-        Ok((extracted, reader.bytes))
+        Ok((extracted, reader.bytes, hex::encode(reader.digest.finalize())))
     });
     let downloaded = feed(sender, buffers).await;
     let extracted =
         extraction.await.map_err(|e| Error::Archive { source_name: source.to_owned(), reason: e.to_string() })?;
     // A download failure explains a broken stream better than the decoder's complaint.
     let downloaded = downloaded?;
-    let (extracted, read) = extracted?;
-    let digest = hashing.await.map_err(|e| Error::Archive { source_name: source.to_owned(), reason: e.to_string() })?;
+    let (extracted, read, digest) = extracted?;
     if downloaded != located.size || read != located.size {
         return Err(Error::Archive {
             source_name: source.to_owned(),
@@ -510,7 +508,7 @@ mod tests {
             sender.try_send(part.clone()).expect("queued");
         }
         let buffers = s3::PartBuffers::default();
-        (PartReader { parts: receiver, buffers: buffers.clone(), current: Bytes::new(), at: 0, bytes: 0 }, buffers)
+        (PartReader::new(receiver, buffers.clone()), buffers)
     }
 
     #[test]
@@ -522,6 +520,7 @@ mod tests {
         reader.read_to_string(&mut out).expect("read");
         assert_eq!(out, "abcdefgh");
         assert_eq!(reader.bytes, 8);
+        assert_eq!(hex::encode(reader.digest.finalize()), hex::encode(Sha256::digest(b"abcdefgh")));
         let mut taken: Vec<_> = std::iter::repeat_with(|| buffers.take()).take(3).collect();
         taken.retain(|b| b.capacity() >= 3);
         assert_eq!(taken.len(), 1, "the first part came back; the last is still being read");
@@ -539,5 +538,6 @@ mod tests {
         decoder.read_to_end(&mut out).expect("decode");
         assert_eq!(out, data);
         assert_eq!(reader.bytes, compressed.len() as u64);
+        assert_eq!(reader.digest.finalize().as_slice(), Sha256::digest(&compressed).as_slice());
     }
 }
