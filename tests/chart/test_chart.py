@@ -829,3 +829,48 @@ def test_render_cli_reports_rejected_values() -> None:
     assert result.returncode == 1
     assert "needs allowCompilation: true" in result.stderr
     assert result.stdout == ""
+
+
+# --- the images -------------------------------------------------------------------------------------
+
+REPO_ROOT = CHART_DIR.parent
+CONTAINERFILES = {"nvidiaInstaller": REPO_ROOT / "installer/Containerfile",
+                  "webhook": REPO_ROOT / "webhook/Containerfile"}
+
+
+def image_contents(containerfile: Path) -> tuple[str, set[str], str]:
+    """The final stage's base image, the paths it copies in, and its USER."""
+    final = containerfile.read_text().split("\nFROM ")[-1]
+    base = final.split()[0]
+    copied = set(re.findall(r"^COPY --from=\S+ \S+ (\S+)$", final, re.M))
+    [user] = re.findall(r"^USER (\S+)$", final, re.M)
+    return base, copied, user
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_images_hold_what_the_chart_runs(case: str) -> None:
+    v = values(case)
+    objs = objects(case)
+    repositories = {v[key]["image"]["repository"]: key for key in CONTAINERFILES}
+    runs: list[tuple[str, list[str], int | None]] = []
+    for workload in workloads(objs):
+        for _, c in containers(workload):
+            repository = c["image"].rsplit(":", 1)[0]
+            if repository in repositories:
+                runs.append((repositories[repository], c["command"], c["securityContext"].get("runAsUser")))
+    if v["webhook"]["enabled"] and mode(v) == "installer":
+        # The init container the webhook injects runs the installer image by name, on PATH.
+        runs.append(("nvidiaInstaller", ["nvidia-installer"], 65532))
+    assert runs
+    for key, command, user in runs:
+        base, copied, image_user = image_contents(CONTAINERFILES[key])
+        program = command[0]
+        if program == "cp":
+            assert base.startswith("docker.io/library/debian:"), f"{key}: cp needs a base with coreutils"
+            assert command[1] in copied, command
+        elif "/" in program:
+            assert program in copied, f"{key} image lacks {program}"
+        else:
+            assert f"/usr/local/bin/{program}" in copied, f"{key} image lacks {program} on PATH"
+        assert image_user == "65532:65532"
+        assert user in (None, 0, 65532)
