@@ -286,6 +286,35 @@ async fn the_rendered_commands_run_as_the_binaries_expect() {
     let output = wait.wait_with_output().expect("wait");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 
+    // The status container, as rendered (one report instead of --watch), through exactly the host
+    // paths it mounts: a view of the host root holding only those.
+    let installer_ds = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet" && d["metadata"]["name"] == "nvidia-installer")
+        .expect("installer");
+    let status = container(&docs, "DaemonSet", "containers", "status");
+    let view = work.path().join("status-view");
+    for mount in status["volumeMounts"].as_array().expect("mounts") {
+        let volume = installer_ds["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .expect("mounted volume");
+        let from = host.join(volume["hostPath"]["path"].as_str().expect("hostPath").trim_start_matches('/'));
+        let inside = mount["mountPath"].as_str().expect("mountPath").strip_prefix("/host/").expect("under /host");
+        let link = view.join(inside);
+        std::fs::create_dir_all(link.parent().expect("parent")).expect("view");
+        std::os::unix::fs::symlink(&from, &link).expect("mount");
+    }
+    let status_args: Vec<String> =
+        on_host(&strings(&status["args"]), &view).into_iter().filter(|a| a != "--watch").collect();
+    let report: Value =
+        serde_json::from_str(&run(Command::new(&installer).args(&status_args).env_clear())).expect("status JSON");
+    assert_eq!(report["marker"]["driverVersion"], DRIVER, "{report}");
+    assert_eq!(report["staged"][0]["driverVersion"], DRIVER, "{report}");
+    assert!(report["current"].as_str().is_some_and(|c| c.ends_with(&format!("{KERNEL}/{DRIVER}"))), "{report}");
+
     // The device plugin's wait container, as rendered, agrees too.
     let plugin_wait = container(&docs, "DaemonSet", "initContainers", "wait");
     run(Command::new(&installer).args(on_host(&strings(&plugin_wait["args"]), &host)));
