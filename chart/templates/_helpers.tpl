@@ -332,19 +332,20 @@ the kubelet would mount: a bound token, the cluster's CA and the namespace.
 {{- end }}
 
 {{/*
-Milliseconds of a duration value (e.g. 1m30s, 1.5s, 500ms), fractions and sub-millisecond units
-rounded up.
+Milliseconds of a duration value (e.g. 1m30s, 1.5s, 0.5h, 500ms, 250us), rounded up; computed in
+nanoseconds, fractions to six digits.
 */}}
 {{- define "nvidia-installer.durationMillis" -}}
-{{- $total := 0 }}
-{{- $factors := dict "h" 3600000 "m" 60000 "s" 1000 "ms" 1 "us" 1 "ns" 1 }}
+{{- $nanos := 0 }}
+{{- $factors := dict "h" 3600000000000 "m" 60000000000 "s" 1000000000 "ms" 1000000 "us" 1000 "ns" 1 }}
 {{- range regexFindAll "[0-9]+(\\.[0-9]+)?(ns|us|ms|s|m|h)" (toString .) -1 }}
-{{- $unit := regexFind "(ns|us|ms|s|m|h)$" . }}
-{{- $number := regexFind "^[0-9]+" . | atoi }}
-{{- if or (contains "." .) (has $unit (list "us" "ns")) }}
-{{- $number = add1 $number }}
+{{- $factor := get $factors (regexFind "(ns|us|ms|s|m|h)$" .) }}
+{{- $nanos = add $nanos (mul (regexFind "^[0-9]+" . | atoi) $factor) }}
+{{- $fraction := regexFind "\\.[0-9]+" . | trimPrefix "." | trunc 6 }}
+{{- if $fraction }}
+{{- $scale := printf "1%s" (repeat (len $fraction) "0") | atoi }}
+{{- $nanos = add $nanos (div (mul (atoi $fraction) $factor) $scale) }}
 {{- end }}
-{{- $total = add $total (mul $number (get $factors $unit)) }}
 {{- end }}
-{{- $total }}
+{{- div (add $nanos 999999) 1000000 }}
 {{- end }}

@@ -255,7 +255,8 @@ fn bundle_dir(root: &Path, total: usize) -> std::path::PathBuf {
 }
 
 async fn transfer_only(client: &aws_sdk_s3::Client, key: &str, size: u64) {
-    let part = 8u64 << 20;
+    // The same ranges as the stage (its default part size).
+    let part = nvidia_installer::s3::Transfer::default().part_size;
     let parts: Vec<(u64, u64)> = (0..size.div_ceil(part)).map(|i| (i * part, ((i + 1) * part).min(size) - 1)).collect();
     futures::stream::iter(parts)
         .map(|(first, last)| async move {

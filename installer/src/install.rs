@@ -500,7 +500,8 @@ fn node_specs(modules: &[String]) -> Vec<NodeSpec> {
     specs
 }
 
-/// Create the device nodes that are missing or wrong; `made` gets each node this call created.
+/// Create the device nodes that are missing or wrong; `made` gets each node that did not exist
+/// before (a rollback removes those; a replaced wrong node stays replaced).
 fn make_device_nodes(layout: &Layout, kernel: &dyn Kernel, modules: &[String], made: &mut Vec<PathBuf>) -> Result<()> {
     let majors = char_majors(layout)?;
     let devices = layout.host("/proc/devices");
@@ -526,6 +527,7 @@ fn make_device_nodes(layout: &Layout, kernel: &dyn Kernel, modules: &[String], m
     let dev = layout.host("/dev");
     for (name, major, minor) in nodes {
         let path = dev.join(&name);
+        let existed = std::fs::symlink_metadata(&path).is_ok();
         if let Ok(meta) = std::fs::metadata(&path) {
             use std::os::unix::fs::{FileTypeExt, MetadataExt};
             let rdev = meta.rdev();
@@ -539,7 +541,9 @@ fn make_device_nodes(layout: &Layout, kernel: &dyn Kernel, modules: &[String], m
         }
         kernel.mknod(&path, major, minor).map_err(|e| Error::Device { path: path.clone(), reason: e.to_string() })?;
         info!(device = %path.display(), major, minor, "device node created");
-        made.push(path);
+        if !existed {
+            made.push(path);
+        }
     }
     Ok(())
 }

@@ -159,6 +159,11 @@ async fn modules_loaded_before_the_run_stay_loaded_when_it_fails() {
     assert!(calls.iter().any(|c| matches!(c, Call::Run(p) if p.ends_with("/bin/nvidia-smi"))), "{calls:?}");
     assert!(!calls.iter().any(|c| matches!(c, Call::Load(_) | Call::Unload(_))), "{calls:?}");
     assert!(std::fs::read_to_string(host_dir.path().join("proc/modules")).expect("modules").starts_with("nvidia "));
+    // The device nodes were there before the run: a failure leaves them (the simulated nodes are
+    // files, so this run replaced them as wrong ones; replaced is not removed).
+    for node in ["nvidia0", "nvidia1", "nvidiactl"] {
+        assert!(host_dir.path().join("dev").join(node).exists(), "/dev/{node} removed");
+    }
     assert!(ready::read_marker(&layout).is_none());
 }
 
