@@ -217,13 +217,13 @@ async fn a_module_for_another_kernel_is_refused_before_loading() {
     assert!(kernel.calls().is_empty());
 }
 
-#[tokio::test]
-async fn in_tree_dependencies_are_loaded_first_from_the_kernel() {
+/// A bundle in a fresh bucket whose nvidia.ko depends on the in-tree drm module, as on Debian's
+/// 6.1 kernel.
+async fn publish_needing_drm() -> (S3Server, tempfile::TempDir) {
     let server = S3Server::start();
     server.create_bucket(BUCKET);
     let work = tempfile::tempdir().expect("work");
     let dir = driver_dir(work.path(), KERNEL, DRIVER, 4096);
-    // nvidia.ko on Debian's 6.1 kernel depends on the in-tree drm module.
     std::fs::write(dir.join("modules/nvidia.ko"), module_bytes("nvidia", KERNEL, "drm")).expect("module");
     let out = work.path().join("b.tar.zst");
     pack_bundle(&dir, KERNEL, DRIVER, &out);
@@ -231,6 +231,12 @@ async fn in_tree_dependencies_are_loaded_first_from_the_kernel() {
     nvidia_installer::publish::publish(&client, BUCKET, &out, GARDENLINUX, false, &Default::default())
         .await
         .expect("publish");
+    (server, work)
+}
+
+#[tokio::test]
+async fn in_tree_dependencies_are_loaded_first_from_the_kernel() {
+    let (server, _work) = publish_needing_drm().await;
     let host_dir = tempfile::tempdir().expect("host");
     let layout = host(host_dir.path());
     let drm = host_dir.path().join(format!("lib/modules/{KERNEL}/kernel/drivers/gpu/drm"));
@@ -265,17 +271,7 @@ async fn in_tree_dependencies_are_loaded_first_from_the_kernel() {
 
 #[tokio::test]
 async fn an_in_tree_dependency_is_planned_away_from_the_node_but_install_needs_it() {
-    let server = S3Server::start();
-    server.create_bucket(BUCKET);
-    let work = tempfile::tempdir().expect("work");
-    let dir = driver_dir(work.path(), KERNEL, DRIVER, 4096);
-    std::fs::write(dir.join("modules/nvidia.ko"), module_bytes("nvidia", KERNEL, "drm")).expect("module");
-    let out = work.path().join("b.tar.zst");
-    pack_bundle(&dir, KERNEL, DRIVER, &out);
-    let client = nvidia_installer::s3::client(&options(&server)).await.expect("client");
-    nvidia_installer::publish::publish(&client, BUCKET, &out, GARDENLINUX, false, &Default::default())
-        .await
-        .expect("publish");
+    let (server, _work) = publish_needing_drm().await;
     // A host root without the kernel's modules (as local-flow's temp dir).
     let host_dir = tempfile::tempdir().expect("host");
     let layout = host(host_dir.path());
