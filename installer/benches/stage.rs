@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use integration_tests::s3::{Options, S3Server};
-use nvidia_installer::pack::{self, BundleInfo};
+use nvidia_installer::bundle::pack::{self, BundleInfo};
 use nvidia_installer::s3::BundleKeys;
 use sha2::Digest;
 
@@ -70,7 +70,7 @@ fn main() {
     let limit = (mbps > 0).then_some(mbps * 1_000_000);
     let server = S3Server::start_with(Options { bandwidth_limit: limit });
     server.create_bucket(BUCKET);
-    let keys = BundleKeys::new(GL, KERNEL, DRIVER);
+    let keys = BundleKeys::new(GL, KERNEL, DRIVER).expect("valid names");
     server.put_file(BUCKET, &keys.archive, &archive);
     server.put_object(BUCKET, &keys.manifest, packed.to_json());
     let runtime = tokio::runtime::Runtime::new().expect("runtime");

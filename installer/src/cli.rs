@@ -3,12 +3,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
-use crate::archive::Limits;
-use crate::layout::{DRIVER_ROOT, Layout};
+use nvidia_contract::layout::Layout;
+pub use nvidia_contract::logging::LogFormat;
+use nvidia_contract::{DEFAULT_MODULES_TEXT, DEFAULT_WAIT_TIMEOUT_TEXT, DRIVER_ROOT};
+
+use crate::compiler::compile::Flavor;
 use crate::s3::{S3Options, Transfer};
-use crate::{Error, Result};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,12 +24,6 @@ pub struct Cli {
     /// Log format.
     #[arg(long, env = "NVIDIA_INSTALLER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -54,29 +50,38 @@ pub enum Command {
     Modulus(ModulusArgs),
 }
 
+/// The driver source and how to build it; shared by `compile`, `modulus` and `install
+/// --allow-compilation`.
 #[derive(Debug, Clone, Args)]
-pub struct CompileArgs {
-    /// A .run installer, a directory or tarball of the kernel-module sources, or an http(s) URL of one.
+pub struct DriverSourceArgs {
+    /// A .run installer, a directory or tarball of the kernel-module sources, or an http(s) URL of
+    /// one (needed to compile).
     #[arg(long, env = "NVIDIA_DRIVER_SOURCE")]
-    pub driver_source: String,
-    /// sha256 the source must have (required for URLs).
+    pub driver_source: Option<String>,
+    /// sha256 the source must have (without it a download is not verified; a warning says so).
     #[arg(long, env = "NVIDIA_DRIVER_SHA256")]
     pub driver_sha256: Option<String>,
     /// Directory with bin/ and lib/ (default: the .run's own files).
     #[arg(long, env = "NVIDIA_USERSPACE_DIR")]
     pub userspace: Option<PathBuf>,
-    /// Kernel build tree (Debian's split trees are followed); default /lib/modules/<running kernel>/build
+    /// Kernel build tree (Debian's split trees are followed); default /lib/modules/<release>/build
     /// where the build runs.
     #[arg(long, env = "KERNEL_HEADERS")]
     pub kernel_headers: Option<PathBuf>,
-    /// Default: what the headers say.
-    #[arg(long, env = "KERNEL_RELEASE")]
-    pub kernel_release: Option<String>,
     #[arg(long, env = "NVIDIA_DRIVER_FLAVOR", value_enum, default_value = "auto")]
-    pub flavor: crate::compile::Flavor,
+    pub flavor: Flavor,
     /// Directory of *.patch files applied in name order before the build.
     #[arg(long, env = "NVIDIA_DRIVER_PATCHES")]
     pub patches: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CompileArgs {
+    #[command(flatten)]
+    pub source: DriverSourceArgs,
+    /// Default: what the headers say.
+    #[arg(long, env = "KERNEL_RELEASE")]
+    pub kernel_release: Option<String>,
     /// The bundle to write (default: <out-dir>/nvidia-bundle.tar.zst).
     #[arg(long, env = "NVIDIA_INSTALLER_OUTPUT")]
     pub output: Option<PathBuf>,
@@ -92,25 +97,7 @@ pub struct CompileArgs {
     pub jobs: usize,
 }
 
-impl CompileArgs {
-    pub fn request(&self) -> crate::compile::CompileRequest {
-        crate::compile::CompileRequest {
-            driver_source: self.driver_source.clone(),
-            driver_sha256: self.driver_sha256.clone(),
-            userspace: self.userspace.clone(),
-            kernel_headers: self.kernel_headers.clone().filter(|p| !p.as_os_str().is_empty()),
-            kernel_release: self.kernel_release.clone().filter(|k| !k.is_empty()),
-            flavor: self.flavor,
-            patches: self.patches.clone(),
-            output: self.output.clone().unwrap_or_else(|| self.out_dir.join("nvidia-bundle.tar.zst")),
-            driver_version: self.driver_version.clone().filter(|v| !v.is_empty()),
-            gardenlinux_version: self.gardenlinux_version.clone().filter(|v| !v.is_empty()),
-            jobs: self.jobs,
-        }
-    }
-}
-
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct DevServeArgs {
     /// The shared directory with the FIFOs.
     #[arg(long, env = "NVIDIA_INSTALLER_CMD_DIR", default_value = "/cmd")]
@@ -250,9 +237,9 @@ impl S3Endpoint {
     pub fn options(&self, bucket: &str) -> S3Options {
         S3Options {
             bucket: bucket.to_owned(),
-            endpoint: self.s3_endpoint.clone().filter(|s| !s.is_empty()),
-            region: self.region.clone().filter(|s| !s.is_empty()),
-            ca_file: self.s3_ca_file.clone(),
+            endpoint: given(&self.s3_endpoint),
+            region: given(&self.region),
+            ca_file: given(&self.s3_ca_file),
             access_key_id: None,
             secret_access_key: None,
         }
@@ -288,7 +275,7 @@ pub struct InstallArgs {
         long,
         env = "NVIDIA_INSTALLER_MODULES",
         value_delimiter = ',',
-        default_value = "nvidia,nvidia-uvm,nvidia-modeset"
+        default_value = DEFAULT_MODULES_TEXT
     )]
     pub modules: Vec<String>,
     /// This node's name (downward API), for labels and Events.
@@ -297,56 +284,13 @@ pub struct InstallArgs {
     /// When the bucket has no bundle, compile one here (needs the dev image: headers and gcc).
     #[arg(long, env = "NVIDIA_INSTALLER_ALLOW_COMPILATION")]
     pub allow_compilation: bool,
-    /// Driver source for --allow-compilation (a .run, a directory or tarball of module sources, or a URL).
-    #[arg(long, env = "NVIDIA_DRIVER_SOURCE")]
-    pub driver_source: Option<String>,
-    #[arg(long, env = "NVIDIA_DRIVER_SHA256")]
-    pub driver_sha256: Option<String>,
-    /// Kernel build tree for --allow-compilation (default /lib/modules/<release>/build).
-    #[arg(long, env = "KERNEL_HEADERS")]
-    pub kernel_headers: Option<PathBuf>,
-    #[arg(long, env = "NVIDIA_USERSPACE_DIR")]
-    pub userspace: Option<PathBuf>,
-    #[arg(long, env = "NVIDIA_DRIVER_PATCHES")]
-    pub patches: Option<PathBuf>,
-    #[arg(long, env = "NVIDIA_DRIVER_FLAVOR", value_enum, default_value = "auto")]
-    pub flavor: crate::compile::Flavor,
+    /// What --allow-compilation builds from.
+    #[command(flatten)]
+    pub source: DriverSourceArgs,
     /// Stage for real, then print the kernel operations install would perform, in order, without
     /// performing them (no module loaded, no device node, no ready marker, no node update).
     #[arg(long, env = "NVIDIA_INSTALLER_DRY_RUN")]
     pub dry_run: bool,
-}
-
-impl InstallArgs {
-    /// The compile request --allow-compilation falls back to.
-    pub fn compile_request(
-        &self,
-        stage: &crate::stage::StageRequest,
-    ) -> Result<Option<crate::compile::CompileRequest>> {
-        if !self.allow_compilation {
-            return Ok(None);
-        }
-        let source = self.driver_source.clone().filter(|s| !s.is_empty()).ok_or_else(|| {
-            Error::Config("--allow-compilation needs --driver-source (NVIDIA_DRIVER_SOURCE)".to_owned())
-        })?;
-        let headers = self.kernel_headers.clone().filter(|p| !p.as_os_str().is_empty());
-        let layout = self.stage.host.layout();
-        Ok(Some(crate::compile::CompileRequest {
-            driver_source: source,
-            driver_sha256: self.driver_sha256.clone(),
-            userspace: self.userspace.clone(),
-            kernel_headers: headers,
-            kernel_release: Some(stage.kernel_release.clone()),
-            flavor: self.flavor,
-            patches: self.patches.clone(),
-            output: layout
-                .root()
-                .join(format!("compile/nvidia-{}-{}.tar.zst", stage.driver_version, stage.kernel_release)),
-            driver_version: Some(stage.driver_version.clone()),
-            gardenlinux_version: Some(stage.gardenlinux_version.clone()),
-            jobs: 0,
-        }))
-    }
 }
 
 #[derive(Debug, Args)]
@@ -357,8 +301,19 @@ pub struct WaitArgs {
     #[arg(long, env = "NVIDIA_DRIVER_VERSION")]
     pub driver_version: Option<String>,
     /// Give up after this long (e.g. 10m).
-    #[arg(long, env = "NVIDIA_WAIT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10m")]
+    #[arg(long, env = "NVIDIA_WAIT_TIMEOUT", value_parser = humantime::parse_duration, default_value = DEFAULT_WAIT_TIMEOUT_TEXT)]
     pub timeout: Duration,
+}
+
+impl From<&WaitArgs> for nvidia_contract::WaitInvocation {
+    fn from(args: &WaitArgs) -> Self {
+        Self {
+            host_root: args.host.host_root.display().to_string(),
+            driver_root: args.host.driver_root.clone(),
+            timeout: args.timeout,
+            driver_version: args.driver_version.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -385,60 +340,54 @@ pub struct GcArgs {
     pub keep: usize,
 }
 
-/// Resolve the kernel release: the flag, else the running kernel.
-pub fn kernel_release(layout: &Layout, flag: Option<&str>) -> Result<String> {
-    match flag.filter(|k| !k.is_empty()) {
-        Some(k) => Ok(k.to_owned()),
-        None => crate::layout::running_kernel(layout)
-            .ok_or_else(|| Error::Config("cannot read the running kernel release; pass --kernel-release".to_owned())),
-    }
+/// A flag's value, or `None` when it is unset or empty (the chart passes empty values for
+/// settings left to their defaults).
+pub fn given<T: Clone + AsRef<std::ffi::OsStr>>(value: &Option<T>) -> Option<T> {
+    value.clone().filter(|v| !v.as_ref().is_empty())
 }
 
-/// The stage request the flags describe.
-pub fn stage_request(args: &StageArgs) -> Result<crate::stage::StageRequest> {
-    let layout = args.host.layout();
-    let gardenlinux_version = match args.bundle.gardenlinux_version.clone().filter(|v| !v.is_empty()) {
-        Some(version) => version,
-        None => os_release_version(&layout).ok_or_else(|| {
-            Error::Config("no --gardenlinux-version, and the host's /etc/os-release names none".to_owned())
-        })?,
-    };
-    for (flag, value) in
-        [("--driver-version", &args.bundle.driver_version), ("--gardenlinux-version", &gardenlinux_version)]
-    {
-        if !valid_component(value) {
-            return Err(Error::Config(format!(
-                "{flag} {value:?} is not a plain version (letters, digits, '.', '-', '_')"
-            )));
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use clap::Parser;
+    use nvidia_contract::WaitInvocation;
+
+    use super::*;
+
+    fn parse_wait(invocation: &WaitInvocation) -> WaitArgs {
+        let argv = std::iter::once(nvidia_contract::INSTALLER_BINARY.to_owned()).chain(invocation.args());
+        match Cli::try_parse_from(argv).expect("the rendered wait parses").command {
+            Command::Wait(args) => args,
+            other => panic!("parsed as {other:?}"),
         }
     }
-    let kernel_release = kernel_release(&layout, args.bundle.kernel_release.as_deref())?;
-    if !valid_component(&kernel_release) {
-        return Err(Error::Config(format!("kernel release {kernel_release:?} is not a plain name")));
+
+    /// What the webhook renders is what `wait` parses, field by field.
+    #[test]
+    fn the_injected_wait_invocation_round_trips() {
+        for (timeout, pin) in [
+            (nvidia_contract::DEFAULT_WAIT_TIMEOUT, None),
+            (Duration::from_secs(90), Some("550.54.14")),
+            (Duration::from_millis(1500), Some("535.261.03")),
+            (Duration::from_secs(3 * 3600 + 1), None),
+        ] {
+            let invocation = WaitInvocation::for_pod(nvidia_contract::DRIVER_ROOT, timeout, pin);
+            assert_eq!(WaitInvocation::from(&parse_wait(&invocation)), invocation);
+        }
     }
-    Ok(crate::stage::StageRequest {
-        gardenlinux_version,
-        kernel_release,
-        driver_version: args.bundle.driver_version.clone(),
-        s3: args.s3.options(),
-        transfer: args.s3.transfer(),
-        limits: Limits::default(),
-    })
-}
 
-/// `GARDENLINUX_VERSION` (Garden Linux) or `VERSION_ID` from the host's `/etc/os-release`.
-pub fn os_release_version(layout: &Layout) -> Option<String> {
-    let text = std::fs::read_to_string(layout.host("/etc/os-release")).ok()?;
-    let value = |key: &str| {
-        text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('=')).map(|v| v.trim().trim_matches('"').to_owned())
-    };
-    value("GARDENLINUX_VERSION").or_else(|| value("VERSION_ID")).filter(|v| !v.is_empty())
-}
-
-/// Versions and releases become path components and object keys.
-pub fn valid_component(value: &str) -> bool {
-    !value.is_empty()
-        && value.len() <= 128
-        && !value.starts_with(['.', '-'])
-        && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '+'))
+    #[test]
+    fn defaults_come_from_the_contract() {
+        let args = match Cli::try_parse_from(["nvidia-installer", "wait"]).expect("parses").command {
+            Command::Wait(args) => args,
+            other => panic!("parsed as {other:?}"),
+        };
+        assert_eq!(args.timeout, nvidia_contract::DEFAULT_WAIT_TIMEOUT);
+        assert_eq!(args.host.driver_root, nvidia_contract::DRIVER_ROOT);
+        let install = Cli::try_parse_from(["nvidia-installer", "install", "--driver-version", "1", "--bucket", "b"])
+            .expect("parses");
+        let Command::Install(install) = install.command else { panic!("not install") };
+        assert_eq!(install.modules, nvidia_contract::DEFAULT_MODULES);
+    }
 }

@@ -1,23 +1,23 @@
 //! `nvidia-installer`: stages the prebuilt NVIDIA driver from S3 onto a node, loads it, marks the
-//! node ready, and gates GPU pods (`wait`) until it is.
+//! node ready, and gates GPU pods (`wait`) until it is; in the compiler instance, builds and
+//! publishes the driver bundles.
+//!
+//! Three roles, one folder each, over one shared format:
+//! - [`bundle`]: the bundle format (manifest, archive checks, pack, module info), used by both roles;
+//! - [`node`]: the node agent (stage, install, wait, status, gc and the kernel seam);
+//! - [`compiler`]: the compiler instance (compile, the FIFO protocol, publish);
+//! - [`s3`]: the bucket client both roles use; [`durable`]: fsync, atomic write and rename.
+//!
+//! [`cli`] declares the command line, [`commands`] runs one function per command; names, host
+//! layout and bucket keys come from the contract crate ([`nvidia_contract`]).
 
-pub mod archive;
+pub mod bundle;
 pub mod cli;
-pub mod compile;
-pub mod fifo;
-pub mod gc;
-pub mod install;
-pub mod kernel;
-pub mod layout;
-pub mod lock;
-pub mod manifest;
+pub mod commands;
+pub mod compiler;
+pub mod durable;
 pub mod node;
-pub mod pack;
-pub mod publish;
-pub mod ready;
 pub mod s3;
-pub mod stage;
-pub mod status;
 
 use std::path::{Path, PathBuf};
 
@@ -39,8 +39,23 @@ pub enum Error {
     NotFound { bucket: String, tried: Vec<String> },
     #[error("S3 {operation} s3://{bucket}/{key}: {reason}")]
     S3 { operation: &'static str, bucket: String, key: String, reason: String },
+    /// The command line (or its environment) asks for something that cannot be done as asked.
     #[error("{0}")]
-    Config(String),
+    Usage(String),
+    #[error(transparent)]
+    InvalidName(#[from] nvidia_contract::NameError),
+    #[error("driver source {source_name}: {reason}")]
+    DriverSource { source_name: String, reason: String },
+    #[error("kernel headers {path}: {reason}")]
+    KernelHeaders { path: PathBuf, reason: String },
+    #[error("{what}: {reason}")]
+    Tool { what: String, reason: String },
+    #[error("dev container: {0}")]
+    DevContainer(String),
+    #[error("S3 TLS settings: {0}")]
+    S3Tls(String),
+    #[error("{what} stopped: {reason}")]
+    Stopped { what: &'static str, reason: String },
     #[error("module {module} ({path}): {reason}")]
     Module { module: String, path: PathBuf, reason: String },
     #[error(
@@ -53,6 +68,8 @@ pub enum Error {
     Smi { path: PathBuf, reason: String },
     #[error("{0}")]
     WaitTimeout(String),
+    #[error("encoding {what}: {reason}")]
+    Encode { what: &'static str, reason: String },
     #[error("building the modules for kernel {kernel} failed: {error} (full log: {log})")]
     Build { kernel: String, error: String, log: PathBuf },
     #[error("patch {patch} does not apply: {reason}")]

@@ -115,12 +115,12 @@ async fn modulus_and_dev_build_and_publish_through_the_fifos() {
     .expect("modulus");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let bundle = out.join("nvidia-bundle.tar.zst");
-    let manifest = nvidia_installer::pack::read_inner_manifest(&bundle).expect("bundle");
+    let manifest = nvidia_installer::bundle::pack::read_inner_manifest(&bundle).expect("bundle");
     assert_eq!((manifest.driver_version.as_str(), manifest.kernel_release.as_str()), (DRIVER, KERNEL));
     let mut names: Vec<&str> = manifest.modules.iter().map(|m| m.name.as_str()).collect();
     names.sort_unstable();
     assert_eq!(names, vec!["nvidia", "nvidia-modeset", "nvidia-uvm"]);
-    let keys = nvidia_installer::s3::BundleKeys::new(GARDENLINUX, KERNEL, DRIVER);
+    let keys = nvidia_installer::s3::BundleKeys::new(GARDENLINUX, KERNEL, DRIVER).expect("valid names");
     assert!(server.get_object(BUCKET, &keys.manifest).is_some(), "published");
 }
 
@@ -142,7 +142,7 @@ fn a_dev_side_that_never_answers_times_out() {
     let dir = tempfile::tempdir().expect("dir");
     let cmd = dir.path().join("cmd");
     std::fs::create_dir_all(&cmd).expect("cmd");
-    let pipes = nvidia_installer::fifo::Pipes::new(&cmd);
+    let pipes = nvidia_installer::compiler::fifo::Pipes::new(&cmd);
     pipes.create().expect("fifos");
     // A dev side that is alive, takes the request, and never answers.
     let heartbeat = pipes.heartbeat.clone();
@@ -244,7 +244,7 @@ async fn real_open_modules_for_debian_6_1_publish_and_stage() {
     let output = compile_real(Path::new("/usr/src/linux-headers-6.1.0-47-amd64"), None, &out);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     keep_real_bundle(&out, KERNEL);
-    let manifest = nvidia_installer::pack::read_inner_manifest(&out).expect("bundle");
+    let manifest = nvidia_installer::bundle::pack::read_inner_manifest(&out).expect("bundle");
     assert_eq!(manifest.driver_version, DRIVER);
     assert_eq!(manifest.kernel_release, KERNEL);
     for module in ["nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-drm"] {
@@ -267,8 +267,8 @@ async fn real_open_modules_for_debian_6_1_publish_and_stage() {
 
     let server = S3Server::start();
     server.create_bucket(BUCKET);
-    let client = nvidia_installer::s3::client(&options(&server)).await.expect("client");
-    nvidia_installer::publish::publish(&client, BUCKET, &out, GARDENLINUX, false, &Default::default())
+    let client = nvidia_installer::s3::Bucket::connect(&options(&server)).await.expect("client");
+    nvidia_installer::compiler::publish::publish(&client, &out, GARDENLINUX, false, &Default::default())
         .await
         .expect("publish");
     let host_dir = tempfile::tempdir().expect("host");
@@ -285,8 +285,9 @@ async fn real_open_modules_for_debian_6_1_publish_and_stage() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let staged = layout.current();
     for module in ["nvidia", "nvidia-uvm", "nvidia-modeset"] {
-        let info = nvidia_installer::kernel::modinfo(&staged.join(format!("modules/{module}.ko"))).expect("modinfo");
-        assert_eq!(nvidia_installer::kernel::vermagic_release(&info.vermagic), KERNEL);
+        let info =
+            nvidia_installer::bundle::modinfo::modinfo(&staged.join(format!("modules/{module}.ko"))).expect("modinfo");
+        assert_eq!(nvidia_installer::bundle::modinfo::vermagic_release(&info.vermagic), KERNEL);
     }
     assert!(staged.join("lib64/libnvidia-ml.so.1").exists() && staged.join("bin/nvidia-smi").is_file());
 }
@@ -310,7 +311,7 @@ fn the_6_12_cloud_kernel_needs_the_patch_and_builds_with_it() {
 
     let output = compile_real(&headers, Some(&patches_612()), &out);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let manifest = nvidia_installer::pack::read_inner_manifest(&out).expect("bundle");
+    let manifest = nvidia_installer::bundle::pack::read_inner_manifest(&out).expect("bundle");
     let release =
         headers.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("linux-headers-")).expect("release");
     keep_real_bundle(&out, release);
@@ -356,7 +357,7 @@ fn a_run_installer_is_extracted_and_auto_picks_the_flavor_by_branch() {
     let run = fake_run(dir.path(), DRIVER);
     let headers = fake_headers(dir.path());
     let out = dir.path().join("bundle.tar.zst");
-    let sha = nvidia_installer::archive::sha256_file(&run).expect("sha");
+    let sha = nvidia_installer::bundle::sha256_file(&run).expect("sha");
     let compile = |extra: &[&str]| {
         bin()
             .arg("compile")
@@ -372,7 +373,7 @@ fn a_run_installer_is_extracted_and_auto_picks_the_flavor_by_branch() {
     };
     let output = compile(&["--driver-sha256", &sha]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let manifest = nvidia_installer::pack::read_inner_manifest(&out).expect("bundle");
+    let manifest = nvidia_installer::bundle::pack::read_inner_manifest(&out).expect("bundle");
     assert_eq!(manifest.flavor, "proprietary", "535 is below the 560 branch");
     assert_eq!(manifest.driver_version, DRIVER, "version from the .run's manifest");
     for file in ["bin/nvidia-smi", "lib/libcuda.so.535.261.03", "lib/libnvidia-ml.so.535.261.03"] {
@@ -382,7 +383,7 @@ fn a_run_installer_is_extracted_and_auto_picks_the_flavor_by_branch() {
 
     let output = compile(&["--flavor", "open"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert_eq!(nvidia_installer::pack::read_inner_manifest(&out).expect("bundle").flavor, "open");
+    assert_eq!(nvidia_installer::bundle::pack::read_inner_manifest(&out).expect("bundle").flavor, "open");
 
     let output = compile(&["--driver-sha256", &"0".repeat(64)]);
     assert!(!output.status.success());

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use nvidia_installer::Error;
-use nvidia_installer::archive::{Limits, PathMap, extract};
+use nvidia_installer::bundle::archive::{Limits, PathMap, extract};
 
 /// A raw tar entry: the name is written byte for byte (the tar crate refuses `..` itself).
 fn entry(tar: &mut Vec<u8>, name: &str, kind: tar::EntryType, mode: u32, data: &[u8], link: Option<&str>) {

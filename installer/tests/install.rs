@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex};
 use common::*;
 use integration_tests::s3::S3Server;
 use nvidia_installer::Error;
-use nvidia_installer::install::{InstallRequest, dry_run, install};
-use nvidia_installer::node::Reporter;
-use nvidia_installer::ready::{self, Readiness};
+use nvidia_installer::node::api::Reporter;
+use nvidia_installer::node::install::{InstallRequest, dry_run, install};
+use nvidia_installer::node::ready::{self, Readiness};
 
 fn modules(names: &[&str]) -> Vec<String> {
     names.iter().map(|s| (*s).to_owned()).collect()
@@ -97,7 +97,7 @@ async fn no_gpu_unloads_what_was_loaded_and_leaves_no_marker() {
     let reports = reports.lock().expect("reports").clone();
     assert!(!reports[0].ready && reports[0].reason == "DriverInstallFailed");
     assert_eq!(reports[0].label_patch()["metadata"]["labels"]["nvidia-installer.gardenlinux.io/driver-ready"], "false");
-    let event = nvidia_installer::node::event("gpu-node-1", &reports[0]);
+    let event = nvidia_installer::node::api::event("gpu-node-1", &reports[0]);
     assert_eq!(event.type_.as_deref(), Some("Warning"));
     assert_eq!(event.regarding.as_ref().and_then(|r| r.name.as_deref()), Some("gpu-node-1"));
 }
@@ -198,12 +198,12 @@ async fn a_module_for_another_kernel_is_refused_before_loading() {
     // mistake; the vermagic check catches it.
     let mut stage = request(&server, KERNEL, DRIVER);
     stage.kernel_release = KERNEL.into();
-    let staged = nvidia_installer::stage::stage(&layout, &stage).await.expect("stage");
+    let staged = nvidia_installer::node::stage::stage(&layout, &stage).await.expect("stage");
     let from = staged.bundle.clone();
     let to = layout.bundle("6.1.0-99-amd64", DRIVER);
     std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
     std::fs::rename(&from, &to).expect("move");
-    let mut manifest = nvidia_installer::manifest::Manifest::read(&to.join("manifest.json")).expect("manifest");
+    let mut manifest = nvidia_installer::bundle::manifest::Manifest::read(&to.join("manifest.json")).expect("manifest");
     manifest.kernel_release = "6.1.0-99-amd64".into();
     std::fs::write(to.join("manifest.json"), manifest.to_json()).expect("write");
     let mut request = InstallRequest {
@@ -227,8 +227,8 @@ async fn publish_needing_drm() -> (S3Server, tempfile::TempDir) {
     std::fs::write(dir.join("modules/nvidia.ko"), module_bytes("nvidia", KERNEL, "drm")).expect("module");
     let out = work.path().join("b.tar.zst");
     pack_bundle(&dir, KERNEL, DRIVER, &out);
-    let client = nvidia_installer::s3::client(&options(&server)).await.expect("client");
-    nvidia_installer::publish::publish(&client, BUCKET, &out, GARDENLINUX, false, &Default::default())
+    let client = nvidia_installer::s3::Bucket::connect(&options(&server)).await.expect("client");
+    nvidia_installer::compiler::publish::publish(&client, &out, GARDENLINUX, false, &Default::default())
         .await
         .expect("publish");
     (server, work)
@@ -315,13 +315,13 @@ async fn allow_compilation_builds_here_when_the_bucket_has_no_bundle() {
     let layout = host(host_dir.path());
     let kernel = SimKernel::new(host_dir.path());
     let stage = request(&server, KERNEL, DRIVER);
-    let compile = nvidia_installer::compile::CompileRequest {
+    let compile = nvidia_installer::compiler::compile::CompileRequest {
         driver_source: src.display().to_string(),
         driver_sha256: None,
         userspace: Some(user),
         kernel_headers: Some(headers),
         kernel_release: Some(KERNEL.into()),
-        flavor: nvidia_installer::compile::Flavor::Auto,
+        flavor: nvidia_installer::compiler::compile::Flavor::Auto,
         patches: None,
         output: layout.root().join("compile/bundle.tar.zst"),
         driver_version: Some(DRIVER.into()),

@@ -126,15 +126,15 @@ async fn wait_times_out_with_a_reason_and_returns_when_the_marker_appears() {
 
     let child = wait(&["--timeout", "30s"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let marker = nvidia_installer::ready::ReadyMarker {
+    let marker = nvidia_installer::node::ready::ReadyMarker {
         driver_version: DRIVER.into(),
         kernel_release: KERNEL.into(),
         sha256: "ab".repeat(32),
-        ready_at: nvidia_installer::ready::now_rfc3339(),
+        ready_at: nvidia_installer::node::ready::now_rfc3339(),
         boot_id: layout.boot_id(),
         bundle: format!("cache/{KERNEL}/{DRIVER}"),
     };
-    nvidia_installer::ready::write_marker(&layout, &marker).expect("marker");
+    nvidia_installer::node::ready::write_marker(&layout, &marker).expect("marker");
     let output = child.wait_with_output().expect("wait");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stdout).contains(DRIVER));

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use integration_tests::s3::{Fault, Method, S3Server};
-use nvidia_installer::publish::publish;
+use nvidia_installer::compiler::publish::publish;
 use nvidia_installer::s3::{BundleKeys, Transfer};
 
 #[tokio::test]
@@ -16,9 +16,9 @@ async fn publishes_manifest_last_and_refuses_to_overwrite() {
     let dir = driver_dir(work.path(), KERNEL, DRIVER, 40 << 20);
     let out = work.path().join("bundle.tar.zst");
     pack_bundle(&dir, KERNEL, DRIVER, &out);
-    let client = nvidia_installer::s3::client(&options(&server)).await.expect("client");
-    let published = publish(&client, BUCKET, &out, GARDENLINUX, false, &Transfer::default()).await.expect("publish");
-    let keys = BundleKeys::new(GARDENLINUX, KERNEL, DRIVER);
+    let client = nvidia_installer::s3::Bucket::connect(&options(&server)).await.expect("client");
+    let published = publish(&client, &out, GARDENLINUX, false, &Transfer::default()).await.expect("publish");
+    let keys = BundleKeys::new(GARDENLINUX, KERNEL, DRIVER).expect("valid names");
     assert_eq!(published.archive_key, keys.archive);
     assert_eq!(server.get_object(BUCKET, &keys.archive).expect("archive"), std::fs::read(&out).expect("read"));
     // Large archives go up in parts; the manifest is the last object written.
@@ -30,9 +30,9 @@ async fn publishes_manifest_last_and_refuses_to_overwrite() {
     );
     assert!(puts.last().expect("puts").path.ends_with(".manifest.json"), "manifest last: {puts:?}");
 
-    let error = publish(&client, BUCKET, &out, GARDENLINUX, false, &Transfer::default()).await.expect_err("overwrite");
+    let error = publish(&client, &out, GARDENLINUX, false, &Transfer::default()).await.expect_err("overwrite");
     assert!(error.to_string().contains("already exists") && error.to_string().contains("--force"), "{error}");
-    publish(&client, BUCKET, &out, GARDENLINUX, true, &Transfer::default()).await.expect("forced");
+    publish(&client, &out, GARDENLINUX, true, &Transfer::default()).await.expect("forced");
 }
 
 #[tokio::test]
@@ -43,19 +43,18 @@ async fn a_failed_upload_leaves_no_manifest() {
     let dir = driver_dir(work.path(), KERNEL, DRIVER, 64 * 1024);
     let out = work.path().join("bundle.tar.zst");
     pack_bundle(&dir, KERNEL, DRIVER, &out);
-    let client = nvidia_installer::s3::client(&options(&server)).await.expect("client");
-    let keys = BundleKeys::new(GARDENLINUX, KERNEL, DRIVER);
+    let client = nvidia_installer::s3::Bucket::connect(&options(&server)).await.expect("client");
+    let keys = BundleKeys::new(GARDENLINUX, KERNEL, DRIVER).expect("valid names");
 
     server.faults().inject_suffix_times(Method::PUT, ".tar.zst", Fault::InternalError, 10);
-    let error =
-        publish(&client, BUCKET, &out, GARDENLINUX, false, &Transfer::default()).await.expect_err("upload fails");
+    let error = publish(&client, &out, GARDENLINUX, false, &Transfer::default()).await.expect_err("upload fails");
     assert!(error.to_string().contains(&keys.archive), "{error}");
     assert!(server.get_object(BUCKET, &keys.manifest).is_none(), "no manifest without its archive");
     server.faults().clear();
 
     // Replacing: the old manifest goes first, so a failure leaves none rather than a stale one.
-    publish(&client, BUCKET, &out, GARDENLINUX, false, &Transfer::default()).await.expect("publish");
+    publish(&client, &out, GARDENLINUX, false, &Transfer::default()).await.expect("publish");
     server.faults().inject_suffix_times(Method::PUT, ".tar.zst", Fault::InternalError, 10);
-    publish(&client, BUCKET, &out, GARDENLINUX, true, &Transfer::default()).await.expect_err("forced upload fails");
+    publish(&client, &out, GARDENLINUX, true, &Transfer::default()).await.expect_err("forced upload fails");
     assert!(server.get_object(BUCKET, &keys.manifest).is_none());
 }

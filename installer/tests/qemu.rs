@@ -21,7 +21,7 @@ use std::sync::Mutex;
 
 use common::*;
 use integration_tests::s3::S3Server;
-use nvidia_installer::pack::{self, BundleInfo};
+use nvidia_installer::bundle::pack::{self, BundleInfo};
 
 /// The stand-in's driver version (its MODULE_VERSION, so install sees it as loaded).
 const STAND_IN: &str = "0.0.1";
@@ -234,10 +234,16 @@ fn boot(guest: &Guest, work: &Path, bundles: &[(&str, &Path)]) -> BTreeMap<Strin
     let server = S3Server::start();
     server.create_bucket(BUCKET);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let s3 = runtime.block_on(nvidia_installer::s3::client(&options(&server))).expect("client");
+    let s3 = runtime.block_on(nvidia_installer::s3::Bucket::connect(&options(&server))).expect("client");
     for (driver, bundle) in bundles {
         runtime
-            .block_on(nvidia_installer::publish::publish(&s3, BUCKET, bundle, GARDENLINUX, false, &Default::default()))
+            .block_on(nvidia_installer::compiler::publish::publish(
+                &s3,
+                bundle,
+                GARDENLINUX,
+                false,
+                &Default::default(),
+            ))
             .expect("publish");
         run(Command::new(env!("CARGO_BIN_EXE_nvidia-installer"))
             .args(["stage", "--bucket", BUCKET, "--gardenlinux-version", GARDENLINUX, "--driver-version", driver])

@@ -7,9 +7,9 @@ use std::path::Path;
 
 use common::*;
 use integration_tests::s3::{Fault, Method, S3Server};
+use nvidia_contract::layout::Layout;
 use nvidia_installer::Error;
-use nvidia_installer::layout::Layout;
-use nvidia_installer::stage::stage;
+use nvidia_installer::node::stage::stage;
 
 fn assert_nothing_published(layout: &Layout) {
     assert!(!layout.bundle(KERNEL, DRIVER).exists(), "a bundle was published");
@@ -52,7 +52,7 @@ async fn stages_verifies_switches_current_and_then_hits_the_cache() {
         assert!(layout.current().join(file).is_file(), "{file} missing");
     }
     for (path, entry) in &manifest.files {
-        assert_eq!(nvidia_installer::archive::sha256_file(&bundle.join(path)).expect("hash"), entry.sha256, "{path}");
+        assert_eq!(nvidia_installer::bundle::sha256_file(&bundle.join(path)).expect("hash"), entry.sha256, "{path}");
     }
     let archive_size = manifest.archive.as_ref().expect("archive").size;
     let gets = archive_gets(&server);
@@ -189,20 +189,20 @@ async fn a_file_that_differs_from_its_manifest_entry_publishes_nothing() {
     server.create_bucket(BUCKET);
     let work = tempfile::tempdir().expect("work");
     let dir = driver_dir(work.path(), KERNEL, DRIVER, 4096);
-    let info = nvidia_installer::pack::BundleInfo {
+    let info = nvidia_installer::bundle::pack::BundleInfo {
         driver_version: DRIVER.into(),
         kernel_release: KERNEL.into(),
         flavor: "open".into(),
         gardenlinux_version: Some(GARDENLINUX.into()),
     };
-    let manifest = nvidia_installer::pack::describe(&dir, &info).expect("describe");
+    let manifest = nvidia_installer::bundle::pack::describe(&dir, &info).expect("describe");
     // The file changes after it was described: the archive holds other bytes than listed.
     std::fs::write(dir.join("bin/nvidia-smi"), "#!/bin/sh\necho tampered\n").expect("tamper");
     let mut listed = manifest.clone();
     listed.files.get_mut("bin/nvidia-smi").expect("smi").size = "#!/bin/sh\necho tampered\n".len() as u64;
     let out = work.path().join("bundle.tar.zst");
-    let packed = nvidia_installer::pack::pack(&dir, &listed, &out, 3).expect("pack");
-    let keys = nvidia_installer::s3::BundleKeys::new(GARDENLINUX, KERNEL, DRIVER);
+    let packed = nvidia_installer::bundle::pack::pack(&dir, &listed, &out, 3).expect("pack");
+    let keys = nvidia_installer::s3::BundleKeys::new(GARDENLINUX, KERNEL, DRIVER).expect("valid names");
     server.put_file(BUCKET, &keys.archive, &out);
     server.put_object(BUCKET, &keys.manifest, packed.to_json());
     let host_dir = tempfile::tempdir().expect("host");
@@ -228,8 +228,9 @@ async fn a_truncated_archive_publishes_nothing() {
         use sha2::Digest;
         hex::encode(sha2::Sha256::digest(&bytes))
     };
-    truncated.archive = Some(nvidia_installer::manifest::ArchiveEntry { sha256: digest, size: bytes.len() as u64 });
-    let keys = nvidia_installer::s3::BundleKeys::new(GARDENLINUX, KERNEL, DRIVER);
+    truncated.archive =
+        Some(nvidia_installer::bundle::manifest::ArchiveEntry { sha256: digest, size: bytes.len() as u64 });
+    let keys = nvidia_installer::s3::BundleKeys::new(GARDENLINUX, KERNEL, DRIVER).expect("valid names");
     server.put_object(BUCKET, &keys.archive, bytes);
     server.put_object(BUCKET, &keys.manifest, truncated.to_json());
     let host_dir = tempfile::tempdir().expect("host");
@@ -261,8 +262,9 @@ async fn a_hostile_archive_with_a_valid_digest_is_refused() {
         hex::encode(sha2::Sha256::digest(&zst))
     };
     let mut described = manifest.clone();
-    described.archive = Some(nvidia_installer::manifest::ArchiveEntry { sha256: digest, size: zst.len() as u64 });
-    let keys = nvidia_installer::s3::BundleKeys::new(GARDENLINUX, KERNEL, DRIVER);
+    described.archive =
+        Some(nvidia_installer::bundle::manifest::ArchiveEntry { sha256: digest, size: zst.len() as u64 });
+    let keys = nvidia_installer::s3::BundleKeys::new(GARDENLINUX, KERNEL, DRIVER).expect("valid names");
     server.put_object(BUCKET, &keys.archive, zst);
     server.put_object(BUCKET, &keys.manifest, described.to_json());
     let host_dir = tempfile::tempdir().expect("host");
@@ -330,15 +332,15 @@ async fn a_newer_bundle_waits_beside_a_ready_driver() {
     let host_dir = tempfile::tempdir().expect("host");
     let layout = host(host_dir.path());
     stage(&layout, &request(&server, KERNEL, DRIVER)).await.expect("stage");
-    let marker = nvidia_installer::ready::ReadyMarker {
+    let marker = nvidia_installer::node::ready::ReadyMarker {
         driver_version: DRIVER.into(),
         kernel_release: KERNEL.into(),
         sha256: String::new(),
-        ready_at: nvidia_installer::ready::now_rfc3339(),
+        ready_at: nvidia_installer::node::ready::now_rfc3339(),
         boot_id: layout.boot_id(),
         bundle: String::new(),
     };
-    nvidia_installer::ready::write_marker(&layout, &marker).expect("marker");
+    nvidia_installer::node::ready::write_marker(&layout, &marker).expect("marker");
     let newer = stage(&layout, &request(&server, KERNEL, "550.163.01")).await.expect("stage newer");
     assert!(!newer.current);
     assert_eq!(newer.held_back_by.as_deref(), Some(DRIVER));

@@ -5,7 +5,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use nvidia_installer::pack::{self, BundleInfo};
+use nvidia_installer::bundle::pack::{self, BundleInfo};
 use nvidia_installer::s3::{S3Options, Transfer};
 
 use crate::s3::S3Server;
@@ -93,9 +93,9 @@ pub async fn publish_sample(
     let bundle = work.join("bundle.tar.zst");
     pack::pack(&dir, &manifest, &bundle, 3).expect("pack");
     let options = s3_options(server, bucket);
-    let client = nvidia_installer::s3::client(&options).await.expect("s3 client");
+    let client = nvidia_installer::s3::Bucket::connect(&options).await.expect("s3 client");
     let gardenlinux = info.gardenlinux_version.as_deref().expect("a Garden Linux version");
-    nvidia_installer::publish::publish(&client, bucket, &bundle, gardenlinux, false, &Transfer::default())
+    nvidia_installer::compiler::publish::publish(&client, &bundle, gardenlinux, false, &Transfer::default())
         .await
         .expect("publish");
     options

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::Mutex;
 
-use nvidia_installer::kernel::Kernel;
+use nvidia_installer::node::kernel::Kernel;
 
 /// One request to the kernel seam.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -273,16 +273,16 @@ async fn the_rendered_commands_run_as_the_binaries_expect() {
         Command::new(&installer).args(&wait_args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("wait");
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(wait.try_wait().expect("poll").is_none(), "wait returned before the driver was ready");
-    let marker = nvidia_installer::ready::ReadyMarker {
+    let marker = nvidia_installer::node::ready::ReadyMarker {
         driver_version: DRIVER.into(),
         kernel_release: KERNEL.into(),
         sha256: String::new(),
-        ready_at: nvidia_installer::ready::now_rfc3339(),
+        ready_at: nvidia_installer::node::ready::now_rfc3339(),
         boot_id: Some("0d5e6c2a-1111-4bd6-9a57-1f2b3c4d5e6f".into()),
         bundle: format!("cache/{KERNEL}/{DRIVER}"),
     };
-    let layout = nvidia_installer::layout::Layout::new(&host, "/opt/nvidia-installer");
-    nvidia_installer::ready::write_marker(&layout, &marker).expect("marker");
+    let layout = nvidia_contract::layout::Layout::new(&host, "/opt/nvidia-installer");
+    nvidia_installer::node::ready::write_marker(&layout, &marker).expect("marker");
     let output = wait.wait_with_output().expect("wait");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 

@@ -10,12 +10,12 @@ use integration_tests::fixtures::{host_root, publish_sample, workspace_binary};
 use integration_tests::kernel::SimKernel;
 use integration_tests::s3::S3Server;
 use k8s_openapi::api::core::v1::Pod;
-use nvidia_installer::install::{InstallRequest, install};
-use nvidia_installer::layout::Layout;
-use nvidia_installer::node::Reporter;
-use nvidia_installer::pack::BundleInfo;
+use nvidia_contract::layout::Layout;
+use nvidia_installer::bundle::pack::BundleInfo;
+use nvidia_installer::node::api::Reporter;
+use nvidia_installer::node::install::{InstallRequest, install};
+use nvidia_installer::node::stage::StageRequest;
 use nvidia_installer::s3::{S3Options, Transfer};
-use nvidia_installer::stage::StageRequest;
 use nvidia_webhook::{InjectConfig, mutate};
 use serde_json::{Value, json};
 
@@ -142,7 +142,7 @@ async fn the_injected_init_container_waits_for_install_and_refuses_another_pinne
     };
     let kernel = SimKernel::new(&host);
     // Still waiting while staged but not loaded.
-    nvidia_installer::stage::stage(&layout, &request.stage).await.expect("stage");
+    nvidia_installer::node::stage::stage(&layout, &request.stage).await.expect("stage");
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(waiting.try_wait().expect("poll").is_none(), "wait returned for a staged but unloaded driver");
     let installed_at = Instant::now();
@@ -181,7 +181,7 @@ async fn the_injected_mounts_resolve_to_the_current_bundle() {
         transfer: Transfer::default(),
         limits: Default::default(),
     };
-    nvidia_installer::stage::stage(&layout, &request).await.expect("stage");
+    nvidia_installer::node::stage::stage(&layout, &request).await.expect("stage");
 
     let pod = injected(&gpu_pod(json!({})), &InjectConfig::new("ghcr.io/gardenlinux/nvidia-installer:test"));
     let container = &pod["spec"]["containers"][0];

@@ -229,10 +229,10 @@ struct GpuNode {
     api: ApiServer,
     _dir: tempfile::TempDir,
     _server: S3Server,
-    request: nvidia_installer::install::InstallRequest,
+    request: nvidia_installer::node::install::InstallRequest,
     host: PathBuf,
-    layout: nvidia_installer::layout::Layout,
-    reporter: nvidia_installer::node::Reporter,
+    layout: nvidia_contract::layout::Layout,
+    reporter: nvidia_installer::node::api::Reporter,
 }
 
 impl GpuNode {
@@ -242,18 +242,20 @@ impl GpuNode {
         let kubeconfig = api.kubeconfig(dir.path());
         api.insert(NODE_PATH, node_object());
         let (server, request, host) = node_with_bundle(dir.path()).await;
-        let layout = nvidia_installer::layout::Layout::new(&host, "/opt/nvidia-installer");
-        let reporter =
-            nvidia_installer::node::Reporter::Kube { client: kube_client(&kubeconfig).await, node: NODE.to_owned() };
+        let layout = nvidia_contract::layout::Layout::new(&host, "/opt/nvidia-installer");
+        let reporter = nvidia_installer::node::api::Reporter::Kube {
+            client: kube_client(&kubeconfig).await,
+            node: NODE.to_owned(),
+        };
         Self { api, _dir: dir, _server: server, request, host, layout, reporter }
     }
 }
 
 /// A host root and a bucket holding the driver bundle.
-async fn node_with_bundle(work: &Path) -> (S3Server, nvidia_installer::install::InstallRequest, PathBuf) {
+async fn node_with_bundle(work: &Path) -> (S3Server, nvidia_installer::node::install::InstallRequest, PathBuf) {
     let server = S3Server::start();
     server.create_bucket(BUCKET);
-    let info = nvidia_installer::pack::BundleInfo {
+    let info = nvidia_installer::bundle::pack::BundleInfo {
         driver_version: DRIVER.into(),
         kernel_release: KERNEL.into(),
         flavor: "open".into(),
@@ -262,8 +264,8 @@ async fn node_with_bundle(work: &Path) -> (S3Server, nvidia_installer::install::
     let s3 = publish_sample(&server, BUCKET, work, &info, 4096).await;
     let host = work.join("host");
     host_root(&host, KERNEL).expect("host root");
-    let request = nvidia_installer::install::InstallRequest {
-        stage: nvidia_installer::stage::StageRequest {
+    let request = nvidia_installer::node::install::InstallRequest {
+        stage: nvidia_installer::node::stage::StageRequest {
             gardenlinux_version: "1877.3".into(),
             kernel_release: KERNEL.into(),
             driver_version: DRIVER.into(),
@@ -288,7 +290,7 @@ async fn install_labels_its_node_and_records_events_through_the_api() {
     // A node without a GPU: the install fails, and the node says so.
     let mut kernel = SimKernel::new(&host);
     kernel.fail = Some(("nvidia".into(), ENODEV));
-    nvidia_installer::install::install(&layout, &request, &kernel, &reporter).await.expect_err("no GPU");
+    nvidia_installer::node::install::install(&layout, &request, &kernel, &reporter).await.expect_err("no GPU");
     let writes = api.writes();
     assert_eq!(calls(&writes), vec![call("PATCH", NODE_PATH, 200), call("POST", EVENTS, 201)]);
     assert_eq!(writes[0].content_type.as_deref(), Some("application/merge-patch+json"));
@@ -306,7 +308,7 @@ async fn install_labels_its_node_and_records_events_through_the_api() {
 
     // With the GPU: ready, and the node's own labels are kept.
     let kernel = SimKernel::new(&host);
-    nvidia_installer::install::install(&layout, &request, &kernel, &reporter).await.expect("install");
+    nvidia_installer::node::install::install(&layout, &request, &kernel, &reporter).await.expect("install");
     let node = api.object(NODE_PATH).expect("node");
     assert_eq!(
         node["metadata"]["labels"],
@@ -324,7 +326,8 @@ async fn an_api_refusal_does_not_fail_a_working_install() {
     let GpuNode { api, _dir, _server, request, host, layout, reporter } = GpuNode::start().await;
     api.fail_next("PATCH", NODE_PATH, 403);
     let kernel = SimKernel::new(&host);
-    let marker = nvidia_installer::install::install(&layout, &request, &kernel, &reporter).await.expect("install");
+    let marker =
+        nvidia_installer::node::install::install(&layout, &request, &kernel, &reporter).await.expect("install");
     assert_eq!(marker.driver_version, DRIVER);
     assert!(layout.ready().is_file(), "the host state is what pods wait on");
     assert_eq!(calls(&api.writes()), vec![call("PATCH", NODE_PATH, 403)], "no Event after the refused patch");
@@ -338,7 +341,7 @@ async fn transient_api_errors_are_retried() {
     api.fail_next("PATCH", NODE_PATH, 500);
     api.fail_next("POST", EVENTS, 502);
     let kernel = SimKernel::new(&host);
-    nvidia_installer::install::install(&layout, &request, &kernel, &reporter).await.expect("install");
+    nvidia_installer::node::install::install(&layout, &request, &kernel, &reporter).await.expect("install");
     assert_eq!(
         calls(&api.writes()),
         vec![

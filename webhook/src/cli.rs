@@ -4,10 +4,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 use crate::config::InjectConfig;
-use crate::contract;
+pub use nvidia_contract::logging::LogFormat;
+use nvidia_contract::{self as contract, DEFAULT_WAIT_TIMEOUT_TEXT};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -21,12 +22,6 @@ pub struct Cli {
     /// Log format.
     #[arg(long, env = "NVIDIA_WEBHOOK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,14 +104,14 @@ pub struct InjectionArgs {
     #[arg(long, env = "NVIDIA_WEBHOOK_MOUNT_PATH", default_value = contract::MOUNT_PATH)]
     pub mount_path: String,
     /// How long the init container waits for the driver.
-    #[arg(long, env = "NVIDIA_WEBHOOK_WAIT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10m")]
+    #[arg(long, env = "NVIDIA_WEBHOOK_WAIT_TIMEOUT", value_parser = humantime::parse_duration, default_value = DEFAULT_WAIT_TIMEOUT_TEXT)]
     pub wait_timeout: Duration,
     /// Resource names that make a container a GPU container (a trailing `*` matches a prefix).
     #[arg(
         long,
         env = "NVIDIA_WEBHOOK_GPU_RESOURCES",
         value_delimiter = ',',
-        default_value = "nvidia.com/gpu,nvidia.com/mig-*"
+        default_values_t = contract::DEFAULT_GPU_RESOURCES.map(String::from)
     )]
     pub gpu_resources: Vec<String>,
     /// Set or extend LD_LIBRARY_PATH in GPU containers.

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::contract;
+use nvidia_contract as contract;
 
 /// Injection settings. The chart derives them from the same values as the installer DaemonSet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,8 +31,8 @@ impl InjectConfig {
             image_pull_policy: "IfNotPresent".to_owned(),
             driver_root: contract::DRIVER_ROOT.to_owned(),
             mount_path: contract::MOUNT_PATH.to_owned(),
-            wait_timeout: Duration::from_secs(600),
-            gpu_resources: vec!["nvidia.com/gpu".to_owned(), "nvidia.com/mig-*".to_owned()],
+            wait_timeout: contract::DEFAULT_WAIT_TIMEOUT,
+            gpu_resources: contract::DEFAULT_GPU_RESOURCES.map(String::from).to_vec(),
             set_library_path: true,
         }
     }

@@ -6,8 +6,6 @@
 pub mod admission;
 pub mod cli;
 pub mod config;
-pub mod contract;
-pub mod logging;
 pub mod manifest;
 pub mod metrics;
 pub mod mutate;
@@ -22,10 +20,8 @@ pub use pod::PodView;
 /// Errors of this crate. Each says what failed and with what.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error(
-        "pod annotation {annotation}={value:?} is not a valid driver version (expected digits, letters, '.', '-' or '_', at most 64 characters)"
-    )]
-    InvalidPin { annotation: String, value: String },
+    #[error("pod annotation {annotation}: {error}")]
+    InvalidPin { annotation: String, error: nvidia_contract::NameError },
     #[error("reading TLS material from {path}: {source}")]
     TlsRead { path: std::path::PathBuf, source: std::io::Error },
     #[error("TLS material in {path}: {reason}")]

@@ -4,11 +4,12 @@ use anyhow::Context;
 use clap::Parser;
 use nvidia_certs::Lifetimes;
 use nvidia_certs::store::{self, Target};
+use nvidia_contract::logging;
 use nvidia_webhook::admission::AppState;
 use nvidia_webhook::cli::{Cli, Command};
+use nvidia_webhook::manifest;
 use nvidia_webhook::server::{ServeOptions, serve, shutdown_signal};
 use nvidia_webhook::tls::TlsFiles;
-use nvidia_webhook::{logging, manifest};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();

@@ -19,8 +19,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::config::InjectConfig;
-use crate::contract;
 use crate::pod::{ContainerView, PodView, SpecView};
+use nvidia_contract::{self as contract, NameKind, WaitInvocation};
 
 /// Why a pod was left unchanged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -140,13 +140,11 @@ pub fn mutate_view(pod: &PodView, config: &InjectConfig) -> crate::Result<Mutati
     };
 
     let pin = annotation(contract::DRIVER_VERSION_ANNOTATION).map(str::trim).filter(|v| !v.is_empty());
-    if let Some(version) = pin
-        && !valid_version(version)
-    {
-        return Err(crate::Error::InvalidPin {
+    if let Some(version) = pin {
+        nvidia_contract::names::check(NameKind::DriverVersion, version).map_err(|error| crate::Error::InvalidPin {
             annotation: contract::DRIVER_VERSION_ANNOTATION.to_owned(),
-            value: version.to_owned(),
-        });
+            error,
+        })?;
     }
 
     let volume_names: BTreeSet<&str> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
@@ -280,13 +278,6 @@ pub fn requests_gpu(container: &ContainerView, config: &InjectConfig) -> bool {
 }
 
 /// Driver versions are path components and flag values: keep them to a safe alphabet.
-pub fn valid_version(version: &str) -> bool {
-    !version.is_empty()
-        && version.len() <= 64
-        && !version.starts_with(['.', '-'])
-        && version.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
-}
-
 fn mounts_path(container: &ContainerView, path: &str) -> bool {
     let path = path.trim_end_matches('/');
     container.volume_mounts.iter().flatten().any(|m| m.mount_path.trim_end_matches('/') == path)
@@ -400,18 +391,7 @@ fn is_guaranteed(spec: &SpecView) -> bool {
 
 /// The init container that blocks the pod until the node's driver is ready.
 pub fn wait_container(config: &InjectConfig, pin: Option<&str>, guaranteed: bool) -> Container {
-    let mut args = vec![
-        "wait".to_owned(),
-        "--host-root".to_owned(),
-        contract::WAIT_HOST_ROOT.to_owned(),
-        "--driver-root".to_owned(),
-        config.driver_root.clone(),
-        "--timeout".to_owned(),
-        humantime::format_duration(config.wait_timeout).to_string(),
-    ];
-    if let Some(version) = pin {
-        args.extend(["--driver-version".to_owned(), version.to_owned()]);
-    }
+    let wait = WaitInvocation::for_pod(&config.driver_root, config.wait_timeout, pin);
     let quantities = |cpu: &str, memory: &str| {
         Some(BTreeMap::from([
             ("cpu".to_owned(), Quantity(cpu.to_owned())),
@@ -435,13 +415,13 @@ pub fn wait_container(config: &InjectConfig, pin: Option<&str>, guaranteed: bool
         name: contract::INIT_CONTAINER.to_owned(),
         image: Some(config.installer_image.clone()),
         image_pull_policy: Some(config.image_pull_policy.clone()),
-        command: Some(vec!["nvidia-installer".to_owned()]),
-        args: Some(args),
+        command: Some(vec![contract::INSTALLER_BINARY.to_owned()]),
+        args: Some(wait.args()),
         resources: Some(resources),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
-            run_as_user: Some(65532),
-            run_as_group: Some(65532),
+            run_as_user: Some(contract::NONROOT_UID),
+            run_as_group: Some(contract::NONROOT_UID),
             allow_privilege_escalation: Some(false),
             privileged: Some(false),
             read_only_root_filesystem: Some(true),
@@ -452,7 +432,7 @@ pub fn wait_container(config: &InjectConfig, pin: Option<&str>, guaranteed: bool
         termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
         volume_mounts: Some(vec![VolumeMount {
             name: contract::ROOT_VOLUME.to_owned(),
-            mount_path: format!("{}{}", contract::WAIT_HOST_ROOT, config.driver_root.trim_end_matches('/')),
+            mount_path: wait.driver_root_mount(),
             read_only: Some(true),
             ..VolumeMount::default()
         }]),
@@ -645,12 +625,16 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn version_alphabet() {
-        assert!(valid_version("535.261.03"));
-        assert!(valid_version("550-open"));
-        assert!(!valid_version(""));
-        assert!(!valid_version("../x"));
-        assert!(!valid_version("a b"));
-        assert!(!valid_version("-rf"));
+    fn pins_follow_the_contracts_name_rule() {
+        for (pin, valid) in
+            [("535.261.03", true), ("550-open", true), ("550+gl1", false), ("../x", false), ("-rf", false)]
+        {
+            let pod: Pod = serde_json::from_value(
+                PodBuilder::new().container(gpu("a")).annotation(contract::DRIVER_VERSION_ANNOTATION, pin).json(),
+            )
+            .expect("pod");
+            assert_eq!(mutate(&pod, &config()).is_ok(), valid, "{pin}");
+            assert_eq!(nvidia_contract::names::is_valid(NameKind::DriverVersion, pin), valid, "{pin}");
+        }
     }
 }

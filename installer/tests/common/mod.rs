@@ -8,12 +8,12 @@ use std::path::{Path, PathBuf};
 #[allow(unused_imports)]
 pub use integration_tests::kernel::{Call, SimKernel};
 use integration_tests::s3::S3Server;
-use nvidia_installer::archive::Limits;
-use nvidia_installer::layout::Layout;
-use nvidia_installer::manifest::Manifest;
-use nvidia_installer::pack::{self, BundleInfo};
+use nvidia_contract::layout::Layout;
+use nvidia_installer::bundle::archive::Limits;
+use nvidia_installer::bundle::manifest::Manifest;
+use nvidia_installer::bundle::pack::{self, BundleInfo};
+use nvidia_installer::node::stage::StageRequest;
 use nvidia_installer::s3::{S3Options, Transfer};
-use nvidia_installer::stage::StageRequest;
 
 pub const KERNEL: &str = "6.1.0-47-amd64";
 pub const DRIVER: &str = "535.261.03";
@@ -100,10 +100,11 @@ pub async fn publish_bundle(server: &S3Server, work: &Path, kernel: &str, driver
     let dir = driver_dir(work, kernel, driver, filler);
     let out = work.join(format!("nvidia-{driver}.tar.zst"));
     pack_bundle(&dir, kernel, driver, &out);
-    let client = nvidia_installer::s3::client(&options(server)).await.expect("client");
-    let published = nvidia_installer::publish::publish(&client, BUCKET, &out, GARDENLINUX, false, &Transfer::default())
-        .await
-        .expect("publish");
+    let client = nvidia_installer::s3::Bucket::connect(&options(server)).await.expect("client");
+    let published =
+        nvidia_installer::compiler::publish::publish(&client, &out, GARDENLINUX, false, &Transfer::default())
+            .await
+            .expect("publish");
     published.manifest
 }
 

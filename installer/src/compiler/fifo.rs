@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{info, warn};
 
-use crate::compile::{self, CompileRequest};
+use crate::compiler::compile::{self, CompileRequest};
 use crate::{Error, Result};
 
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -124,7 +124,7 @@ pub struct Answer {
 pub fn request(pipes: &Pipes, request: &CompileRequest, dev_wait: Duration, timeout: Duration) -> Result<Answer> {
     pipes.create()?;
     let started = Instant::now();
-    let gone = |what: String| Error::Config(format!("dev container: {what}"));
+    let gone = Error::DevContainer;
     loop {
         match pipes.heartbeat_age() {
             Some(age) if age < HEARTBEAT * 5 => break,
@@ -139,7 +139,8 @@ pub fn request(pipes: &Pipes, request: &CompileRequest, dev_wait: Duration, time
             _ => std::thread::sleep(Duration::from_millis(200)),
         }
     }
-    let body = serde_json::to_vec(request).map_err(|e| Error::Config(e.to_string()))?;
+    let body = serde_json::to_vec(request)
+        .map_err(|e| Error::Encode { what: "the compile request", reason: e.to_string() })?;
     // Opening a FIFO blocks until the other end opens it: do it where a dead peer can't hang us.
     let (sender, receiver) = std::sync::mpsc::channel::<std::io::Result<String>>();
     let request_path = pipes.request.clone();

@@ -16,13 +16,14 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::archive::{self, Limits, PathMap};
-use crate::layout::Layout;
-use crate::lock::HostLock;
-use crate::manifest::{self, ArchiveEntry, Manifest, Module};
-use crate::ready;
+use crate::bundle::archive::{self, Limits, PathMap};
+use crate::bundle::manifest::{self, ArchiveEntry, Manifest, Module};
+use crate::node::lock::HostLock;
+use crate::node::{cache, ready};
 use crate::s3::{self, BundleKeys, S3Options, Transfer};
 use crate::{Error, Result};
+use crate::{bundle, durable};
+use nvidia_contract::layout::Layout;
 
 /// What to stage.
 #[derive(Debug, Clone)]
@@ -58,7 +59,7 @@ pub async fn stage_locked(layout: &Layout, request: &StageRequest) -> Result<Sta
     let started = Instant::now();
     clean_leftovers(layout)?;
     let bundle = layout.bundle(&request.kernel_release, &request.driver_version);
-    let (manifest, downloaded_from) = match cached(&bundle) {
+    let (manifest, downloaded_from) = match cache::cached(&bundle) {
         Some(manifest) => {
             info!(bundle = %bundle.display(), "cache hit: bundle already staged and verified");
             (manifest, None)
@@ -101,19 +102,6 @@ fn clean_leftovers(layout: &Layout) -> Result<()> {
     Ok(())
 }
 
-/// A staged bundle is complete when its manifest reads and every file has its recorded size.
-/// (Contents were verified before the bundle was published by rename.)
-pub fn cached(bundle: &Path) -> Option<Manifest> {
-    let manifest = Manifest::read(&bundle.join(manifest::FILE_NAME)).ok()?;
-    for (path, entry) in &manifest.files {
-        let meta = std::fs::symlink_metadata(bundle.join(path)).ok()?;
-        if !meta.is_file() || meta.len() != entry.size {
-            return None;
-        }
-    }
-    Some(manifest)
-}
-
 /// Where the bundle is in the bucket, and what it should be.
 struct Located {
     key: String,
@@ -125,7 +113,7 @@ struct Located {
 
 async fn locate(client: &aws_sdk_s3::Client, request: &StageRequest) -> Result<Located> {
     let bucket = &request.s3.bucket;
-    let keys = BundleKeys::new(&request.gardenlinux_version, &request.kernel_release, &request.driver_version);
+    let keys = BundleKeys::new(&request.gardenlinux_version, &request.kernel_release, &request.driver_version)?;
     let transfer = &request.transfer;
     if let Some(bytes) = s3::get_small(client, bucket, &keys.manifest, 16 << 20, transfer).await? {
         let source = format!("s3://{bucket}/{}", keys.manifest);
@@ -211,12 +199,14 @@ fn publish_staged(layout: &Layout, staging: &Path, bundle: &Path, verified: Resu
             return Err(error);
         }
     };
-    archive::sync_tree(staging)?;
-    let parent = bundle.parent().ok_or_else(|| Error::Config(format!("{} has no parent", bundle.display())))?;
+    durable::sync_tree(staging)?;
+    let parent = bundle
+        .parent()
+        .ok_or_else(|| Error::io("publishing into", bundle, std::io::Error::other("no parent directory")))?;
     std::fs::create_dir_all(parent).map_err(|e| Error::io("creating", parent, e))?;
     std::fs::rename(staging, bundle).map_err(|e| Error::io("publishing into", bundle, e))?;
-    archive::sync_dir(parent)?;
-    archive::sync_dir(&layout.staging())?;
+    durable::sync_dir(parent)?;
+    durable::sync_dir(&layout.staging())?;
     Ok(manifest)
 }
 
@@ -224,7 +214,7 @@ fn publish_staged(layout: &Layout, staging: &Path, bundle: &Path, verified: Resu
 /// extraction, verification and switch as a download. The caller holds the host lock.
 pub async fn stage_archive_locked(layout: &Layout, request: &StageRequest, archive_path: &Path) -> Result<Staged> {
     clean_leftovers(layout)?;
-    let inner = crate::pack::read_inner_manifest(archive_path)?;
+    let inner = crate::bundle::pack::read_inner_manifest(archive_path)?;
     if inner.driver_version != request.driver_version || inner.kernel_release != request.kernel_release {
         return Err(Error::Manifest {
             source_name: archive_path.display().to_string(),
@@ -233,7 +223,7 @@ pub async fn stage_archive_locked(layout: &Layout, request: &StageRequest, archi
     }
     let size = std::fs::metadata(archive_path).map_err(|e| Error::io("reading", archive_path, e))?.len();
     let expected =
-        Manifest { archive: Some(ArchiveEntry { sha256: archive::sha256_file(archive_path)?, size }), ..inner };
+        Manifest { archive: Some(ArchiveEntry { sha256: bundle::sha256_file(archive_path)?, size }), ..inner };
     let located = Located {
         key: archive_path.display().to_string(),
         size,
@@ -437,7 +427,7 @@ fn verify_and_complete(
     if !lib64.exists() && staging.join("lib").is_dir() {
         std::os::unix::fs::symlink("lib", &lib64).map_err(|e| Error::io("linking", &lib64, e))?;
     }
-    ready::write_atomic(&staging.join(manifest::FILE_NAME), &manifest.to_json())?;
+    durable::write_atomic(&staging.join(manifest::FILE_NAME), &manifest.to_json())?;
     Ok(manifest)
 }
 
@@ -451,7 +441,7 @@ fn legacy_manifest(
 ) -> Result<Manifest> {
     let mut modules = Vec::new();
     for (path, _) in extracted.files.iter().filter(|(p, _)| p.starts_with("modules/")) {
-        let info = crate::kernel::modinfo(&staging.join(path))?;
+        let info = crate::bundle::modinfo::modinfo(&staging.join(path))?;
         let name = Path::new(path).file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_owned();
         modules.push(Module { name, path: path.clone(), vermagic: info.vermagic, depends: info.depends });
     }
@@ -492,7 +482,7 @@ fn switch_current(layout: &Layout, request: &StageRequest) -> Result<(bool, Opti
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(&target, &tmp).map_err(|e| Error::io("linking", &tmp, e))?;
     std::fs::rename(&tmp, &current).map_err(|e| Error::io("switching", &current, e))?;
-    archive::sync_dir(layout.root())?;
+    durable::sync_dir(layout.root())?;
     Ok((true, None))
 }
 

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use tracing::info;
 
-use crate::layout::Layout;
 use crate::{Error, Result};
+use nvidia_contract::layout::Layout;
 
 /// Held while it lives.
 #[derive(Debug)]

@@ -1,12 +1,12 @@
 //! The ready marker, the last error, and `wait`: what GPU pods block on.
 
-use std::path::Path;
+use crate::durable::write_atomic;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::layout::Layout;
 use crate::{Error, Result};
+use nvidia_contract::layout::Layout;
 
 /// Written atomically, and only after modules are loaded, device nodes exist and `nvidia-smi`
 /// succeeded.
@@ -40,37 +40,20 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
-/// Write `bytes` to `path` atomically: a temp file beside it, fsync, rename, fsync the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().ok_or_else(|| Error::Config(format!("{} has no parent", path.display())))?;
-    std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
-    ));
-    {
-        use std::io::Write;
-        let mut file = std::fs::File::create(&tmp).map_err(|e| Error::io("writing", &tmp, e))?;
-        file.write_all(bytes).and_then(|()| file.sync_all()).map_err(|e| Error::io("writing", &tmp, e))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io("renaming into", path, e))?;
-    crate::archive::sync_dir(dir)
-}
-
 pub fn read_marker(layout: &Layout) -> Option<ReadyMarker> {
     let bytes = std::fs::read(layout.ready()).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
 
 pub fn write_marker(layout: &Layout, marker: &ReadyMarker) -> Result<()> {
-    let bytes = serde_json::to_vec_pretty(marker).map_err(|e| Error::Config(e.to_string()))?;
+    let bytes = serde_json::to_vec_pretty(marker)
+        .map_err(|e| Error::Encode { what: "the ready marker", reason: e.to_string() })?;
     write_atomic(&layout.ready(), &bytes)
 }
 
 pub fn remove_marker(layout: &Layout) -> Result<()> {
     match std::fs::remove_file(layout.ready()) {
-        Ok(()) => crate::archive::sync_dir(layout.root()),
+        Ok(()) => crate::durable::sync_dir(layout.root()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io("removing", &layout.ready(), e)),
     }
@@ -81,7 +64,8 @@ pub fn read_last_error(layout: &Layout) -> Option<LastError> {
 }
 
 pub fn write_last_error(layout: &Layout, error: &LastError) -> Result<()> {
-    let bytes = serde_json::to_vec_pretty(error).map_err(|e| Error::Config(e.to_string()))?;
+    let bytes = serde_json::to_vec_pretty(error)
+        .map_err(|e| Error::Encode { what: "the last error", reason: e.to_string() })?;
     write_atomic(&layout.last_error(), &bytes)
 }
 
@@ -122,7 +106,7 @@ pub fn check(layout: &Layout, pin: Option<&str>) -> Readiness {
             failed.driver_version, failed.at, failed.reason
         ));
     }
-    let staged = crate::status::staged(layout);
+    let staged = crate::node::cache::staged(layout);
     if let Some(first) = staged.first() {
         return Readiness::NotReady(format!(
             "driver {} is staged for kernel {} but not loaded yet: the installer is still working (see its logs and the node's Events)",

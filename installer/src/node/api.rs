@@ -11,8 +11,7 @@ use tracing::{info, warn};
 
 use crate::{Error, Result};
 
-pub const DRIVER_VERSION_LABEL: &str = "nvidia-installer.gardenlinux.io/driver-version";
-pub const DRIVER_READY_LABEL: &str = "nvidia-installer.gardenlinux.io/driver-ready";
+pub use nvidia_contract::{DRIVER_READY_LABEL, DRIVER_VERSION_LABEL};
 
 /// One state change to report.
 #[derive(Debug, Clone, PartialEq, Eq)]

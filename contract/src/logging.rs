@@ -1,9 +1,16 @@
-//! Logging set-up: `RUST_LOG` filter (default `info`), text or JSON lines on stderr.
+//! Logging set-up shared by both binaries: `RUST_LOG` filter (default `info`), text or JSON lines
+//! on stderr.
 
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::LogFormat;
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
+/// Install the global subscriber (once; later calls change nothing).
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::archive::sha256_file;
-use crate::kernel;
-use crate::manifest::Manifest;
-use crate::pack::{self, BundleInfo};
+use crate::bundle::manifest::Manifest;
+use crate::bundle::modinfo;
+use crate::bundle::pack::{self, BundleInfo};
+use crate::bundle::sha256_file;
 use crate::{Error, Result};
 
 /// Which kernel modules: NVIDIA's open modules or the proprietary ones.
@@ -84,7 +84,10 @@ pub fn compile(request: &CompileRequest, work: &Path) -> Result<Compiled> {
     let driver_version = match (&request.driver_version, &prepared.version) {
         (Some(v), _) | (None, Some(v)) => v.clone(),
         (None, None) => {
-            return Err(Error::Config("cannot tell the driver version from the sources; pass --driver-version".into()));
+            return Err(Error::DriverSource {
+                source_name: request.driver_source.clone(),
+                reason: "cannot tell the driver version from the sources; pass --driver-version".to_owned(),
+            });
         }
     };
     if let Some(dir) = &request.patches {
@@ -110,8 +113,8 @@ pub fn compile(request: &CompileRequest, work: &Path) -> Result<Compiled> {
         }
         let target = bundle.join("modules").join(format!("{name}.ko"));
         strip(&built, &target)?;
-        let vermagic = kernel::modinfo(&target)?.vermagic;
-        if kernel::vermagic_release(&vermagic) != kernel_release {
+        let vermagic = modinfo::modinfo(&target)?.vermagic;
+        if modinfo::vermagic_release(&vermagic) != kernel_release {
             return Err(Error::Module {
                 module: name.into(),
                 path: target,
@@ -123,7 +126,10 @@ pub fn compile(request: &CompileRequest, work: &Path) -> Result<Compiled> {
         (Some(dir), _) => copy_userspace(dir, &bundle)?,
         (None, Some(run)) => userspace_from_run(run, &driver_version, &bundle)?,
         (None, None) => {
-            return Err(Error::Config("no user-space files: pass --userspace DIR (with bin/ and lib/)".into()));
+            return Err(Error::DriverSource {
+                source_name: request.driver_source.clone(),
+                reason: "no user-space files: pass --userspace DIR (with bin/ and lib/)".to_owned(),
+            });
         }
     }
     let info = BundleInfo {
@@ -162,12 +168,17 @@ fn fetch(request: &CompileRequest, work: &Path) -> Result<PathBuf> {
         match output {
             Ok(out) if out.status.success() => target,
             Ok(out) => {
-                return Err(Error::Config(format!(
-                    "downloading {source}: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )));
+                return Err(Error::DriverSource {
+                    source_name: source.clone(),
+                    reason: format!("downloading: {}", String::from_utf8_lossy(&out.stderr).trim()),
+                });
             }
-            Err(e) => return Err(Error::Config(format!("downloading {source}: cannot run curl: {e}"))),
+            Err(e) => {
+                return Err(Error::DriverSource {
+                    source_name: source.clone(),
+                    reason: format!("downloading: cannot run curl: {e}"),
+                });
+            }
         }
     } else {
         PathBuf::from(source)
@@ -230,19 +241,16 @@ fn prepare(source: &Path, request: &CompileRequest, work: &Path) -> Result<Prepa
             &format!("extracting {}", source.display()),
         )?;
     }
-    let modules_dir = find_module_dir(&tree, 5).ok_or_else(|| {
-        Error::Config(format!(
-            "{} holds no kernel module sources (no directory with Kbuild and conftest.sh)",
-            source.display()
-        ))
+    let modules_dir = find_module_dir(&tree, 5).ok_or_else(|| Error::DriverSource {
+        source_name: source.display().to_string(),
+        reason: "holds no kernel module sources (no directory with Kbuild and conftest.sh)".to_owned(),
     })?;
     let detected = if proprietary_license(&modules_dir) { Flavor::Proprietary } else { Flavor::Open };
     if request.flavor != Flavor::Auto && request.flavor != detected {
-        return Err(Error::Config(format!(
-            "{} holds the {detected:?} modules, not {:?}",
-            source.display(),
-            request.flavor
-        )));
+        return Err(Error::DriverSource {
+            source_name: source.display().to_string(),
+            reason: format!("holds the {detected:?} modules, not {:?}", request.flavor),
+        });
     }
     let version = std::fs::read_to_string(modules_dir.join("Kbuild")).ok().and_then(|k| {
         let at = k.find("NV_VERSION_STRING=\\\"")? + "NV_VERSION_STRING=\\\"".len();
@@ -282,9 +290,12 @@ fn run_version(run: &Path) -> Option<String> {
 }
 
 fn run_tool(command: &mut Command, what: &str) -> Result<()> {
-    let output = command.output().map_err(|e| Error::Config(format!("{what}: {e}")))?;
+    let output = command.output().map_err(|e| Error::Tool { what: what.to_owned(), reason: e.to_string() })?;
     if !output.status.success() {
-        return Err(Error::Config(format!("{what}: {}", String::from_utf8_lossy(&output.stderr).trim())));
+        return Err(Error::Tool {
+            what: what.to_owned(),
+            reason: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
     }
     Ok(())
 }
@@ -293,7 +304,10 @@ fn run_tool(command: &mut Command, what: &str) -> Result<()> {
 pub fn header_trees(headers: &Path) -> Result<(PathBuf, PathBuf)> {
     let sysout = std::fs::canonicalize(headers).map_err(|e| Error::io("reading the kernel headers", headers, e))?;
     if !sysout.join(".config").is_file() && !sysout.join("include/config/kernel.release").is_file() {
-        return Err(Error::Config(format!("{} is not a configured kernel build tree (no .config)", sysout.display())));
+        return Err(Error::KernelHeaders {
+            path: sysout,
+            reason: "not a configured kernel build tree (no .config)".to_owned(),
+        });
     }
     let makefile = std::fs::read_to_string(sysout.join("Makefile")).unwrap_or_default();
     let included = makefile
@@ -469,7 +483,10 @@ fn copy_userspace(dir: &Path, bundle: &Path) -> Result<()> {
     for sub in ["bin", "lib"] {
         let from = dir.join(sub);
         if !from.is_dir() {
-            return Err(Error::Config(format!("{} has no {sub}/", dir.display())));
+            return Err(Error::DriverSource {
+                source_name: dir.display().to_string(),
+                reason: format!("has no {sub}/"),
+            });
         }
         run_tool(
             Command::new("cp").arg("-a").arg(&from).arg(bundle.join(sub)),
@@ -477,7 +494,10 @@ fn copy_userspace(dir: &Path, bundle: &Path) -> Result<()> {
         )?;
     }
     if !bundle.join("bin/nvidia-smi").is_file() {
-        return Err(Error::Config(format!("{} has no bin/nvidia-smi", dir.display())));
+        return Err(Error::DriverSource {
+            source_name: dir.display().to_string(),
+            reason: "has no bin/nvidia-smi".to_owned(),
+        });
     }
     Ok(())
 }
@@ -506,7 +526,10 @@ fn userspace_from_run(run: &Path, version: &str, bundle: &Path) -> Result<()> {
         }
     }
     if !bundle.join("bin/nvidia-smi").is_file() {
-        return Err(Error::Config(format!("{} has no nvidia-smi", run.display())));
+        return Err(Error::DriverSource {
+            source_name: run.display().to_string(),
+            reason: "has no nvidia-smi".to_owned(),
+        });
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! `manifest.json`: what a bundle holds. Written by `compile`, checked by `stage`.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Component, Path};
 
 use serde::{Deserialize, Serialize};
 
@@ -72,7 +72,7 @@ impl Manifest {
             });
         }
         for path in manifest.files.keys().chain(manifest.links.keys()) {
-            crate::archive::check_relative(Path::new(path)).map_err(|reason| Error::Manifest {
+            check_relative(Path::new(path)).map_err(|reason| Error::Manifest {
                 source_name: source.to_owned(),
                 reason: format!("{path}: {reason}"),
             })?;
@@ -94,5 +94,33 @@ impl Manifest {
         let mut bytes = serde_json::to_vec_pretty(self).unwrap_or_default();
         bytes.push(b'\n');
         bytes
+    }
+}
+
+/// A path inside the bundle must be relative, normal, and not empty.
+pub fn check_relative(path: &Path) -> std::result::Result<(), String> {
+    if path.as_os_str().is_empty() {
+        return Err("empty path".to_owned());
+    }
+    for component in path.components() {
+        match component {
+            Component::Normal(_) | Component::CurDir => {}
+            Component::ParentDir => return Err("path contains '..'".to_owned()),
+            Component::RootDir | Component::Prefix(_) => return Err("absolute path".to_owned()),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_only() {
+        assert!(check_relative(Path::new("bin/nvidia-smi")).is_ok());
+        assert!(check_relative(Path::new("/etc/passwd")).is_err());
+        assert!(check_relative(Path::new("bin/../../x")).is_err());
+        assert!(check_relative(Path::new("")).is_err());
     }
 }

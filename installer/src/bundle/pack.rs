@@ -9,9 +9,9 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use crate::archive::sha256_file;
-use crate::kernel;
-use crate::manifest::{self, ArchiveEntry, FileEntry, Manifest, Module};
+use crate::bundle::manifest::{self, ArchiveEntry, FileEntry, Manifest, Module};
+use crate::bundle::modinfo;
+use crate::bundle::sha256_file;
 use crate::{Error, Result};
 
 /// What describes the bundle besides its files.
@@ -32,8 +32,8 @@ pub fn describe(dir: &Path, info: &BundleInfo) -> Result<Manifest> {
         walk(dir, &dir.join(top), &mut files, &mut links)?;
     }
     for path in files.keys().filter(|p| p.starts_with("modules/") && p.ends_with(".ko")) {
-        let modinfo = kernel::modinfo(&dir.join(path))?;
-        let built_for = kernel::vermagic_release(&modinfo.vermagic);
+        let module = modinfo::modinfo(&dir.join(path))?;
+        let built_for = modinfo::vermagic_release(&module.vermagic);
         if built_for != info.kernel_release {
             return Err(Error::Module {
                 module: path.clone(),
@@ -42,7 +42,7 @@ pub fn describe(dir: &Path, info: &BundleInfo) -> Result<Manifest> {
             });
         }
         let name = Path::new(path).file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_owned();
-        modules.push(Module { name, path: path.clone(), vermagic: modinfo.vermagic, depends: modinfo.depends });
+        modules.push(Module { name, path: path.clone(), vermagic: module.vermagic, depends: module.depends });
     }
     Ok(Manifest {
         schema_version: manifest::SCHEMA_VERSION,
@@ -80,7 +80,7 @@ fn walk(
             let mode = if meta.permissions().mode() & 0o111 != 0 { 0o755 } else { 0o644 };
             files.insert(relative, FileEntry { sha256: sha256_file(&path)?, size: meta.len(), mode });
         } else {
-            return Err(Error::Config(format!("{} is neither a file, a directory nor a link", path.display())));
+            return Err(Error::io("packing", &path, std::io::Error::other("neither a file, a directory nor a link")));
         }
     }
     Ok(())

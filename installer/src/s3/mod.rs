@@ -14,6 +14,8 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+pub use nvidia_contract::BundleKeys;
+
 use crate::{Error, Result};
 
 /// How to reach the bucket. Secrets are kept out of `Debug`.
@@ -55,6 +57,20 @@ impl Default for Transfer {
     }
 }
 
+/// A bucket and the client that reaches it.
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    pub client: Client,
+    pub name: String,
+}
+
+impl Bucket {
+    /// The bucket `options` name, with a client built from them.
+    pub async fn connect(options: &S3Options) -> Result<Self> {
+        Ok(Self { client: client(options).await?, name: options.bucket.clone() })
+    }
+}
+
 /// Build an S3 client: static keys when given, else the default chain (IRSA, instance roles…).
 pub async fn client(options: &S3Options) -> Result<Client> {
     let mut trust = tls::TrustStore::default();
@@ -62,10 +78,8 @@ pub async fn client(options: &S3Options) -> Result<Client> {
         let pem = std::fs::read(path).map_err(|e| Error::io("reading the S3 CA file", path, e))?;
         trust = trust.with_pem_certificate(pem);
     }
-    let context = tls::TlsContext::builder()
-        .with_trust_store(trust)
-        .build()
-        .map_err(|e| Error::Config(format!("S3 TLS settings: {e}")))?;
+    let context =
+        tls::TlsContext::builder().with_trust_store(trust).build().map_err(|e| Error::S3Tls(e.to_string()))?;
     let http = aws_smithy_http_client::Builder::new()
         .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
         .tls_context(context)
@@ -93,25 +107,6 @@ pub async fn client(options: &S3Options) -> Result<Client> {
         config = config.endpoint_url(endpoint).force_path_style(true);
     }
     Ok(Client::from_conf(config.build()))
-}
-
-/// The object keys of one bundle.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BundleKeys {
-    pub archive: String,
-    pub manifest: String,
-    pub legacy: String,
-}
-
-impl BundleKeys {
-    pub fn new(gardenlinux: &str, kernel: &str, driver: &str) -> Self {
-        let archive = format!("gardenlinux-{gardenlinux}/{kernel}/nvidia-{driver}.tar.zst");
-        Self {
-            manifest: format!("{archive}.manifest.json"),
-            archive,
-            legacy: format!("gardenlinux-{gardenlinux}-nvidia-{driver}.tar.gz"),
-        }
-    }
 }
 
 /// Whether an S3 failure is worth another attempt.

@@ -4,15 +4,15 @@ use std::path::PathBuf;
 
 use tracing::info;
 
-use crate::layout::Layout;
-use crate::lock::HostLock;
+use crate::node::lock::HostLock;
 use crate::{Error, Result};
+use nvidia_contract::layout::Layout;
 
 /// Returns the removed bundle directories.
 pub async fn gc(layout: &Layout, keep: usize) -> Result<Vec<PathBuf>> {
     let _lock = HostLock::acquire(layout).await?;
     let current = std::fs::canonicalize(layout.current()).ok();
-    let mut others: Vec<(std::time::SystemTime, PathBuf)> = crate::status::staged(layout)
+    let mut others: Vec<(std::time::SystemTime, PathBuf)> = crate::node::cache::staged(layout)
         .into_iter()
         .filter(|b| std::fs::canonicalize(&b.path).ok() != current)
         .map(|b| (std::fs::metadata(&b.path).and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), b.path))

@@ -11,8 +11,8 @@ use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tracing::info;
 
-use crate::manifest::Manifest;
-use crate::s3::{self, BundleKeys, Transfer};
+use crate::bundle::manifest::Manifest;
+use crate::s3::{self, Bucket, BundleKeys, Transfer};
 use crate::{Error, Result};
 
 /// Objects above this size are uploaded in parts.
@@ -27,17 +27,28 @@ pub struct Published {
 }
 
 /// Publish `bundle` (a `tar.zst` made by `pack`) for Garden Linux `gardenlinux`.
+///
+/// Everything is checked before the bucket changes: the bundle's own manifest, the names that
+/// become keys, the Garden Linux version it was packed for. A refused publish leaves the bucket
+/// as it was.
 pub async fn publish(
-    client: &Client,
-    bucket: &str,
+    bucket: &Bucket,
     bundle: &Path,
     gardenlinux: &str,
     force: bool,
     transfer: &Transfer,
 ) -> Result<Published> {
-    let inner = crate::pack::read_inner_manifest(bundle)?;
+    let (client, bucket) = (&bucket.client, bucket.name.as_str());
+    let inner = crate::bundle::pack::read_inner_manifest(bundle)?;
+    let keys = BundleKeys::new(gardenlinux, &inner.kernel_release, &inner.driver_version)?;
+    nvidia_contract::names::check(nvidia_contract::NameKind::Flavor, &inner.flavor)?;
+    if let Some(packed_for) = inner.gardenlinux_version.as_deref().filter(|v| *v != gardenlinux) {
+        return Err(Error::Manifest {
+            source_name: bundle.display().to_string(),
+            reason: format!("was packed for Garden Linux {packed_for}, not {gardenlinux}"),
+        });
+    }
     let (sha256, size) = digest(bundle)?;
-    let keys = BundleKeys::new(gardenlinux, &inner.kernel_release, &inner.driver_version);
     for key in [&keys.manifest, &keys.archive] {
         if !force && s3::head(client, bucket, key, transfer).await?.is_some() {
             return Err(Error::s3("PUT", bucket, key, "already exists; pass --force to replace it".to_owned()));
@@ -54,14 +65,8 @@ pub async fn publish(
             .await
             .map_err(|e| Error::s3("DELETE", bucket, &keys.manifest, e.to_string()))?;
     }
-    if let Some(packed_for) = inner.gardenlinux_version.as_deref().filter(|v| *v != gardenlinux) {
-        return Err(Error::Manifest {
-            source_name: bundle.display().to_string(),
-            reason: format!("was packed for Garden Linux {packed_for}, not {gardenlinux}"),
-        });
-    }
     // The copy beside the archive is the archive's own manifest plus the archive's digest.
-    let manifest = Manifest { archive: Some(crate::manifest::ArchiveEntry { sha256, size }), ..inner.clone() };
+    let manifest = Manifest { archive: Some(crate::bundle::manifest::ArchiveEntry { sha256, size }), ..inner.clone() };
     info!(bucket, key = %keys.archive, bytes = size, "uploading the bundle");
     if size > MULTIPART_THRESHOLD {
         upload_multipart(client, bucket, &keys.archive, bundle, size, transfer).await?;
@@ -95,7 +100,7 @@ pub async fn publish(
 
 fn digest(path: &Path) -> Result<(String, u64)> {
     let size = std::fs::metadata(path).map_err(|e| Error::io("reading", path, e))?.len();
-    Ok((crate::archive::sha256_file(path)?, size))
+    Ok((crate::bundle::sha256_file(path)?, size))
 }
 
 async fn upload_multipart(

@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 
 use sha2::{Digest, Sha256};
 
-use crate::manifest::FileEntry;
+use crate::bundle::manifest::{FileEntry, check_relative};
 use crate::{Error, Result};
 
 /// Caps on what one archive may hold.
@@ -53,21 +53,6 @@ pub struct Extracted {
     /// Kernel releases seen under `lib/modules/` (legacy archives).
     pub module_kernels: BTreeSet<String>,
     pub total_bytes: u64,
-}
-
-/// A path inside the bundle must be relative, normal, and not empty.
-pub fn check_relative(path: &Path) -> std::result::Result<(), String> {
-    if path.as_os_str().is_empty() {
-        return Err("empty path".to_owned());
-    }
-    for component in path.components() {
-        match component {
-            Component::Normal(_) | Component::CurDir => {}
-            Component::ParentDir => return Err("path contains '..'".to_owned()),
-            Component::RootDir | Component::Prefix(_) => return Err("absolute path".to_owned()),
-        }
-    }
-    Ok(())
 }
 
 /// Normalize `a/./b/` to `a/b`.
@@ -527,38 +512,6 @@ fn start_writeback(file: &File, from: u64, to: u64) {
     }
 }
 
-/// fsync every file and directory under `root` (and `root`), so the tree is durable before it is
-/// published by a rename.
-pub fn sync_tree(root: &Path) -> Result<()> {
-    let mut stack = vec![root.to_owned()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).map_err(|e| Error::io("reading", &dir, e))? {
-            let entry = entry.map_err(|e| Error::io("reading", &dir, e))?;
-            let kind = entry.file_type().map_err(|e| Error::io("reading", &entry.path(), e))?;
-            if kind.is_dir() {
-                stack.push(entry.path());
-            } else if kind.is_file() {
-                let path = entry.path();
-                File::open(&path).and_then(|f| f.sync_all()).map_err(|e| Error::io("syncing", &path, e))?;
-            }
-        }
-        sync_dir(&dir)?;
-    }
-    Ok(())
-}
-
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("syncing", dir, e))
-}
-
-/// Hash a file on disk.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = File::open(path).map_err(|e| Error::io("reading", path, e))?;
-    let mut hasher = Sha256::new();
-    io::copy(&mut file, &mut hasher).map_err(|e| Error::io("reading", path, e))?;
-    Ok(hex::encode(hasher.finalize()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -575,13 +528,5 @@ mod tests {
         assert!(!link_stays_inside(Path::new("lib/b"), Path::new("a/../..")));
         assert!(!link_stays_inside(Path::new("lib/c"), Path::new("../lib64/../..")));
         assert!(link_stays_inside(Path::new("lib/d"), Path::new("./../bin/./x")));
-    }
-
-    #[test]
-    fn relative_paths_only() {
-        assert!(check_relative(Path::new("bin/nvidia-smi")).is_ok());
-        assert!(check_relative(Path::new("/etc/passwd")).is_err());
-        assert!(check_relative(Path::new("bin/../../x")).is_err());
-        assert!(check_relative(Path::new("")).is_err());
     }
 }

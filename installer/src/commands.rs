@@ -1,0 +1,290 @@
+//! One function per command: resolve the request the flags describe (filling in what the host
+//! knows: its Garden Linux version, its running kernel), run it, print the outcome.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nvidia_contract::NameKind;
+use nvidia_contract::layout::Layout;
+use nvidia_contract::names;
+
+use crate::bundle::archive::Limits;
+use crate::bundle::manifest::ArchiveEntry;
+use crate::bundle::pack::{self, BundleInfo};
+use crate::cli::{
+    CompileArgs, DevServeArgs, DriverSourceArgs, GcArgs, InstallArgs, ModulusArgs, PackArgs, PublishArgs, StageArgs,
+    StatusArgs, WaitArgs, given,
+};
+use crate::compiler::compile::{self, CompileRequest};
+use crate::compiler::fifo::{self, Pipes};
+use crate::compiler::publish;
+use crate::node::install::{self, InstallRequest};
+use crate::node::kernel::HostKernel;
+use crate::node::stage::{self, StageRequest};
+use crate::node::{api::Reporter, gc, ready, status};
+use crate::s3::Bucket;
+use crate::{Error, Result};
+
+pub async fn stage(args: &StageArgs) -> Result<()> {
+    let request = stage_request(args)?;
+    let staged = stage::stage(&args.host.layout(), &request).await?;
+    match &staged.held_back_by {
+        Some(ready) => println!(
+            "staged {} beside driver {ready}, which stays current until the node is drained and rebooted",
+            staged.bundle.display()
+        ),
+        None => println!("staged {}", staged.bundle.display()),
+    }
+    Ok(())
+}
+
+pub async fn install(args: &InstallArgs) -> Result<()> {
+    let stage = stage_request(&args.stage)?;
+    let compile = allow_compilation_request(args, &stage)?;
+    let request = InstallRequest { stage, modules: args.modules.clone(), compile };
+    let layout = args.stage.host.layout();
+    if args.dry_run {
+        let plan = install::dry_run(&layout, &request).await?;
+        println!("staged {}", plan.staged.bundle.display());
+        println!("dry run: install would now perform, in this order (nothing below was done):");
+        print!("{plan}");
+        return Ok(());
+    }
+    let reporter = Reporter::for_node(args.node_name.as_deref()).await?;
+    let kernel = HostKernel { host_root: args.stage.host.host_root.clone() };
+    let marker = install::install(&layout, &request, &kernel, &reporter).await?;
+    println!("NVIDIA driver {} ready for kernel {}", marker.driver_version, marker.kernel_release);
+    Ok(())
+}
+
+pub async fn wait(args: &WaitArgs) -> Result<()> {
+    let pin = given(&args.driver_version);
+    if let Some(pin) = &pin {
+        names::check(NameKind::DriverVersion, pin)?;
+    }
+    let marker = ready::wait(&args.host.layout(), pin.as_deref(), args.timeout).await?;
+    println!(
+        "NVIDIA driver {} is ready (kernel {}, since {})",
+        marker.driver_version, marker.kernel_release, marker.ready_at
+    );
+    Ok(())
+}
+
+pub async fn status(args: &StatusArgs) -> Result<()> {
+    let layout = args.host.layout();
+    let pin = given(&args.driver_version);
+    let mut last = String::new();
+    loop {
+        let state = status::status(&layout, pin.as_deref());
+        let text = serde_json::to_string_pretty(&state)
+            .map_err(|e| Error::Encode { what: "the status", reason: e.to_string() })?;
+        if text != last {
+            println!("{text}");
+            last = text;
+        }
+        if !args.watch {
+            return Ok(());
+        }
+        tokio::time::sleep(args.interval.max(Duration::from_millis(100))).await;
+    }
+}
+
+pub async fn gc(args: &GcArgs) -> Result<()> {
+    for removed in gc::gc(&args.host.layout(), args.keep).await? {
+        println!("removed {}", removed.display());
+    }
+    Ok(())
+}
+
+pub fn pack(args: &PackArgs) -> Result<()> {
+    let info = BundleInfo {
+        driver_version: args.driver_version.clone(),
+        kernel_release: args.kernel_release.clone(),
+        flavor: args.flavor.clone(),
+        gardenlinux_version: given(&args.gardenlinux_version),
+    };
+    let manifest = pack::describe(&args.dir, &info)?;
+    let packed = pack::pack(&args.dir, &manifest, &args.output, args.level)?;
+    let archive = packed.archive.unwrap_or(ArchiveEntry { sha256: String::new(), size: 0 });
+    println!(
+        "packed {} ({} files, {} bytes, sha256 {})",
+        args.output.display(),
+        packed.files.len(),
+        archive.size,
+        archive.sha256
+    );
+    Ok(())
+}
+
+pub async fn publish(args: &PublishArgs) -> Result<()> {
+    let bucket = Bucket::connect(&args.s3.options()).await?;
+    let published =
+        publish::publish(&bucket, &args.bundle, &args.gardenlinux_version, args.force, &args.s3.transfer()).await?;
+    println!("published s3://{}/{} and {}", bucket.name, published.archive_key, published.manifest_key);
+    Ok(())
+}
+
+pub fn compile(args: &CompileArgs) -> Result<()> {
+    let request = compile_request(args)?;
+    let work = work_dir_beside(&request.output)?;
+    let compiled = compile::compile(&request, &work)?;
+    println!("built {} (build log {})", compiled.output.display(), compiled.log.display());
+    Ok(())
+}
+
+pub async fn dev_serve(args: DevServeArgs) -> Result<()> {
+    let pipes = Pipes::new(&args.cmd_dir);
+    tokio::task::spawn_blocking(move || fifo::serve(&pipes, &args.work_dir))
+        .await
+        .map_err(|e| Error::Stopped { what: "dev-serve", reason: e.to_string() })?
+}
+
+/// Send the compile request to `dev-serve`, wait for the build, publish it when asked, then stay
+/// idle when asked (a DaemonSet container that exits is restarted and would build again).
+pub async fn modulus(args: &ModulusArgs) -> Result<()> {
+    let request = compile_request(&args.compile)?;
+    let publish_to = if args.publish {
+        let gardenlinux = request
+            .gardenlinux_version
+            .clone()
+            .ok_or_else(|| Error::Usage("--publish needs --gardenlinux-version".to_owned()))?;
+        let bucket = given(&args.bucket).ok_or_else(|| Error::Usage("--publish needs --bucket".to_owned()))?;
+        Some((gardenlinux, bucket))
+    } else {
+        None
+    };
+    let pipes = Pipes::new(&args.cmd_dir);
+    let (dev_wait, timeout) = (args.dev_wait, args.timeout);
+    let sent = request.clone();
+    let answer = tokio::task::spawn_blocking(move || fifo::request(&pipes, &sent, dev_wait, timeout))
+        .await
+        .map_err(|e| Error::Stopped { what: "modulus", reason: e.to_string() })??;
+    if answer.code != 0 {
+        return Err(Error::DevContainer(format!(
+            "the build failed (exit code {}):\n{}",
+            answer.code,
+            answer.log.trim_end()
+        )));
+    }
+    println!("{}", answer.log.trim_end());
+    if let Some((gardenlinux, bucket)) = publish_to {
+        let bucket = Bucket::connect(&args.endpoint.options(&bucket)).await?;
+        let published =
+            publish::publish(&bucket, &request.output, &gardenlinux, args.force, &Default::default()).await?;
+        println!("published s3://{}/{} and {}", bucket.name, published.archive_key, published.manifest_key);
+    }
+    if args.stay {
+        tracing::info!("done; staying idle (the compiler node pool can be scaled down)");
+        std::future::pending::<()>().await;
+    }
+    Ok(())
+}
+
+/// The stage request the flags describe: the Garden Linux version from the host's
+/// `/etc/os-release` and the running kernel unless given; every name checked against the
+/// contract's rule.
+pub fn stage_request(args: &StageArgs) -> Result<StageRequest> {
+    let layout = args.host.layout();
+    let gardenlinux_version = match given(&args.bundle.gardenlinux_version) {
+        Some(version) => version,
+        None => os_release_version(&layout).ok_or_else(|| {
+            Error::Usage("no --gardenlinux-version, and the host's /etc/os-release names none".to_owned())
+        })?,
+    };
+    let kernel_release = kernel_release(&layout, args.bundle.kernel_release.as_deref())?;
+    names::check(NameKind::DriverVersion, &args.bundle.driver_version)?;
+    names::check(NameKind::GardenlinuxVersion, &gardenlinux_version)?;
+    names::check(NameKind::KernelRelease, &kernel_release)?;
+    Ok(StageRequest {
+        gardenlinux_version,
+        kernel_release,
+        driver_version: args.bundle.driver_version.clone(),
+        s3: args.s3.options(),
+        transfer: args.s3.transfer(),
+        limits: Limits::default(),
+    })
+}
+
+/// The kernel release: the flag, else the running kernel.
+pub fn kernel_release(layout: &Layout, flag: Option<&str>) -> Result<String> {
+    match flag.filter(|k| !k.is_empty()) {
+        Some(k) => Ok(k.to_owned()),
+        None => nvidia_contract::layout::running_kernel(layout)
+            .ok_or_else(|| Error::Usage("cannot read the running kernel release; pass --kernel-release".to_owned())),
+    }
+}
+
+/// `GARDENLINUX_VERSION` (Garden Linux) or `VERSION_ID` from the host's `/etc/os-release`.
+pub fn os_release_version(layout: &Layout) -> Option<String> {
+    let text = std::fs::read_to_string(layout.host("/etc/os-release")).ok()?;
+    let value = |key: &str| {
+        text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('=')).map(|v| v.trim().trim_matches('"').to_owned())
+    };
+    value("GARDENLINUX_VERSION").or_else(|| value("VERSION_ID")).filter(|v| !v.is_empty())
+}
+
+/// The compile request of `compile` and `modulus`.
+pub fn compile_request(args: &CompileArgs) -> Result<CompileRequest> {
+    let driver_version = given(&args.driver_version);
+    if let Some(version) = &driver_version {
+        names::check(NameKind::DriverVersion, version)?;
+    }
+    let gardenlinux_version = given(&args.gardenlinux_version);
+    if let Some(version) = &gardenlinux_version {
+        names::check(NameKind::GardenlinuxVersion, version)?;
+    }
+    let kernel_release = given(&args.kernel_release);
+    if let Some(release) = &kernel_release {
+        names::check(NameKind::KernelRelease, release)?;
+    }
+    Ok(CompileRequest {
+        output: given(&args.output).unwrap_or_else(|| args.out_dir.join("nvidia-bundle.tar.zst")),
+        kernel_release,
+        driver_version,
+        gardenlinux_version,
+        jobs: args.jobs,
+        ..from_source(&args.source, "compile")?
+    })
+}
+
+/// The compile request `install --allow-compilation` falls back to when the bucket has none.
+pub fn allow_compilation_request(args: &InstallArgs, stage: &StageRequest) -> Result<Option<CompileRequest>> {
+    if !args.allow_compilation {
+        return Ok(None);
+    }
+    let layout = args.stage.host.layout();
+    Ok(Some(CompileRequest {
+        kernel_release: Some(stage.kernel_release.clone()),
+        output: layout.root().join(format!("compile/nvidia-{}-{}.tar.zst", stage.driver_version, stage.kernel_release)),
+        driver_version: Some(stage.driver_version.clone()),
+        gardenlinux_version: Some(stage.gardenlinux_version.clone()),
+        ..from_source(&args.source, "--allow-compilation")?
+    }))
+}
+
+/// The source part of a compile request; `output` and the names are filled in by the caller.
+fn from_source(source: &DriverSourceArgs, needed_by: &str) -> Result<CompileRequest> {
+    let driver_source = given(&source.driver_source)
+        .ok_or_else(|| Error::Usage(format!("{needed_by} needs --driver-source (NVIDIA_DRIVER_SOURCE)")))?;
+    Ok(CompileRequest {
+        driver_source,
+        driver_sha256: given(&source.driver_sha256),
+        userspace: given(&source.userspace),
+        kernel_headers: given(&source.kernel_headers),
+        kernel_release: None,
+        flavor: source.flavor,
+        patches: given(&source.patches),
+        output: PathBuf::new(),
+        driver_version: None,
+        gardenlinux_version: None,
+        jobs: 0,
+    })
+}
+
+/// A work directory beside the output (same filesystem); it keeps the build log.
+fn work_dir_beside(output: &Path) -> Result<PathBuf> {
+    let parent = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = parent.join(format!(".nvidia-build-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+    Ok(dir)
+}

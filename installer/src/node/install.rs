@@ -1,0 +1,261 @@
+//! `install`: stage, load the modules, create the device nodes, run `nvidia-smi`, then mark the
+//! node ready. Failure anywhere leaves no ready marker, unloads what this run loaded, records
+//! the reason for `wait`, and reports `driver-ready=false` with an Event.
+
+use std::path::{Path, PathBuf};
+
+use nvidia_contract::layout::Layout;
+use tracing::{info, warn};
+
+use crate::node::api::{Report, Reporter};
+use crate::node::devices::{make_device_nodes, node_specs};
+use crate::node::kernel::Kernel;
+use crate::node::lock::HostLock;
+use crate::node::modules::{Loader, ModuleLoad, Planner, plan_loads};
+use crate::node::ready::{self, LastError, ReadyMarker};
+use crate::node::stage::{self, StageRequest, Staged};
+use crate::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct InstallRequest {
+    pub stage: StageRequest,
+    pub modules: Vec<String>,
+    /// `allowCompilation`: when the bucket has no bundle, build one here with this request.
+    pub compile: Option<crate::compiler::compile::CompileRequest>,
+}
+
+/// Install and report the outcome.
+pub async fn install(
+    layout: &Layout,
+    request: &InstallRequest,
+    kernel: &dyn Kernel,
+    reporter: &Reporter,
+) -> Result<ReadyMarker> {
+    let driver = request.stage.driver_version.clone();
+    let result = install_locked(layout, request, kernel).await;
+    match &result {
+        Ok(marker) => {
+            ready::clear_last_error(layout);
+            reporter
+                .report(Report {
+                    ready: true,
+                    driver_version: driver,
+                    reason: "DriverReady".to_owned(),
+                    message: format!(
+                        "NVIDIA driver {} ready for kernel {}",
+                        marker.driver_version, marker.kernel_release
+                    ),
+                })
+                .await;
+        }
+        Err(Error::OtherVersionLoaded { loaded, .. }) => {
+            // The loaded driver keeps serving its pods; the node stays ready for it.
+            let message = result.as_ref().err().map(ToString::to_string).unwrap_or_default();
+            warn!(%message, "driver update pending");
+            reporter
+                .report(Report {
+                    ready: true,
+                    driver_version: loaded.clone(),
+                    reason: "DriverUpdatePending".to_owned(),
+                    message,
+                })
+                .await;
+        }
+        Err(error) => {
+            let reason = error.to_string();
+            if let Err(e) = ready::remove_marker(layout) {
+                warn!(error = %e, "could not remove the ready marker");
+            }
+            let failure =
+                LastError { reason: reason.clone(), driver_version: driver.clone(), at: ready::now_rfc3339() };
+            if let Err(e) = ready::write_last_error(layout, &failure) {
+                warn!(error = %e, "could not record the failure for wait");
+            }
+            reporter
+                .report(Report {
+                    ready: false,
+                    driver_version: driver,
+                    reason: "DriverInstallFailed".to_owned(),
+                    message: reason,
+                })
+                .await;
+        }
+    }
+    result
+}
+
+async fn install_locked(layout: &Layout, request: &InstallRequest, kernel: &dyn Kernel) -> Result<ReadyMarker> {
+    let _lock = HostLock::acquire(layout).await?;
+    let wanted = &request.stage.driver_version;
+    let kernel_release = &request.stage.kernel_release;
+    // A marker from an earlier boot describes modules that are gone.
+    if let Some(marker) = ready::read_marker(layout)
+        && marker.boot_id.is_some()
+        && marker.boot_id != layout.boot_id()
+    {
+        info!(driver = %marker.driver_version, "removing the ready marker of an earlier boot");
+        ready::remove_marker(layout)?;
+    }
+    let staged: Staged = match (stage::stage_locked(layout, &request.stage).await, &request.compile) {
+        (Err(Error::NotFound { bucket, tried }), Some(compile)) => {
+            info!(bucket = %bucket, tried = ?tried, "no bundle in the bucket; compiling one on this node (allowCompilation)");
+            let work = layout.root().join("compile");
+            let compile = compile.clone();
+            let built = tokio::task::spawn_blocking(move || crate::compiler::compile::compile(&compile, &work))
+                .await
+                .map_err(|e| Error::Stopped { what: "the compile step", reason: e.to_string() })??;
+            stage::stage_archive_locked(layout, &request.stage, &built.output).await?
+        }
+        (result, _) => result?,
+    };
+    refuse_other_loaded(layout, &staged, wanted)?;
+    // A marker for another driver or kernel no longer describes this node.
+    if ready::read_marker(layout).is_some_and(|m| &m.driver_version != wanted || &m.kernel_release != kernel_release) {
+        ready::remove_marker(layout)?;
+    }
+    let plan = plan_loads(layout, kernel_release, &staged, &request.modules)?;
+    let mut loader = Loader { layout, kernel, loaded_now: Vec::new() };
+    let mut nodes_made = Vec::new();
+    let ready = loader.load_all(&plan).and_then(|()| {
+        make_device_nodes(layout, kernel, &request.modules, &mut nodes_made)?;
+        run_smi(layout, kernel, &staged)?;
+        let marker = ReadyMarker {
+            driver_version: wanted.clone(),
+            kernel_release: kernel_release.clone(),
+            sha256: staged.manifest.archive.as_ref().map(|a| a.sha256.clone()).unwrap_or_default(),
+            ready_at: ready::now_rfc3339(),
+            boot_id: layout.boot_id(),
+            bundle: Layout::bundle_relative(kernel_release, wanted).display().to_string(),
+        };
+        ready::write_marker(layout, &marker)?;
+        Ok(marker)
+    });
+    match ready {
+        Ok(marker) => {
+            info!(driver = %marker.driver_version, kernel = %marker.kernel_release, "driver ready");
+            Ok(marker)
+        }
+        Err(error) => {
+            // Leave the node as this run found it: no device nodes of its own, no modules it loaded.
+            for path in nodes_made.iter().rev() {
+                match std::fs::remove_file(path) {
+                    Ok(()) => info!(device = %path.display(), "removed after the failure"),
+                    Err(e) => warn!(device = %path.display(), error = %e, "could not remove after the failure"),
+                }
+            }
+            loader.roll_back();
+            Err(error)
+        }
+    }
+}
+
+/// Another driver version is ready (staging held the new one back) or loaded: the node must be
+/// drained and the old driver unloaded first.
+fn refuse_other_loaded(layout: &Layout, staged: &Staged, wanted: &str) -> Result<()> {
+    let loaded = staged.held_back_by.clone().or_else(|| crate::node::status::loaded_version(layout));
+    match loaded {
+        Some(loaded) if loaded != wanted => Err(Error::OtherVersionLoaded { loaded, wanted: wanted.to_owned() }),
+        _ => Ok(()),
+    }
+}
+
+/// What `install` would do on this host, in order, without doing it (`install --dry-run`).
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub staged: Staged,
+    pub modules: Vec<ModuleLoad>,
+    /// `mknod` operations, described: the major comes from `/proc/devices` once the module loaded.
+    pub device_nodes: Vec<String>,
+    /// The bundle's `nvidia-smi` and its library directory, as host paths.
+    pub smi: (String, String),
+    pub marker: PathBuf,
+}
+
+/// Stage for real (download, verify, extract, switch `current`), then plan the kernel steps
+/// without performing them: no module is loaded, no device node made, no marker written.
+pub async fn dry_run(layout: &Layout, request: &InstallRequest) -> Result<Plan> {
+    let _lock = HostLock::acquire(layout).await?;
+    let wanted = &request.stage.driver_version;
+    let staged = stage::stage_locked(layout, &request.stage).await?;
+    refuse_other_loaded(layout, &staged, wanted)?;
+    let mut planner = Planner::new(layout, &request.stage.kernel_release, &staged);
+    // Planned away from the node (a temp host root without the kernel's modules), an in-tree
+    // dependency is listed as the node will resolve it rather than failing the plan.
+    planner.unresolved_in_tree_ok = true;
+    let modules = planner.plan(&request.modules)?;
+    let dev = layout.host("/dev");
+    let device_nodes = node_specs(&request.modules)
+        .into_iter()
+        .map(|spec| {
+            let (name, minor) = match spec.minor {
+                Some(minor) => (spec.name.to_owned(), minor.to_string()),
+                None => (format!("{}<N>", spec.name), "<N>, one per GPU in /proc/driver/nvidia/gpus".to_owned()),
+            };
+            format!("{} c <major of {:?} in /proc/devices> {minor}", in_host(layout, &dev.join(name)), spec.major_of[0])
+        })
+        .collect();
+    let smi = (in_host(layout, &staged.bundle.join("bin/nvidia-smi")), in_host(layout, &staged.bundle.join("lib")));
+    Ok(Plan { staged, modules, device_nodes, smi, marker: layout.ready() })
+}
+
+impl std::fmt::Display for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut step = 0;
+        let mut line = |f: &mut std::fmt::Formatter<'_>, text: String| {
+            step += 1;
+            writeln!(f, "{step:>3}. {text}")
+        };
+        for module in &self.modules {
+            let from = if module.in_tree { "the kernel's own modules" } else { "the bundle" };
+            if module.loaded {
+                line(f, format!("skip {}: already loaded", module.name))?;
+            } else if module.in_tree && module.path.ends_with("modules.dep") {
+                line(
+                    f,
+                    format!(
+                        "finit_module {} and the modules it depends on, as listed in {} (from {from}; not readable here)",
+                        module.name,
+                        module.path.display()
+                    ),
+                )?;
+            } else {
+                line(f, format!("finit_module {} ({}, from {from})", module.path.display(), module.name))?;
+            }
+        }
+        for node in &self.device_nodes {
+            line(f, format!("mknod {node}, mode 0666"))?;
+        }
+        line(f, format!("run {} with LD_LIBRARY_PATH={}; it must exit 0", self.smi.0, self.smi.1))?;
+        line(f, format!("write the ready marker {}", self.marker.display()))?;
+        line(f, "label the node driver-ready=true and driver-version, and record a DriverReady Event".to_owned())?;
+        writeln!(
+            f,
+            "On failure at any step: remove the device nodes this run created, unload what it loaded (newest first), remove the ready marker, label driver-ready=false."
+        )
+    }
+}
+
+/// A path of the host as the host sees it (without the host root).
+fn in_host(layout: &Layout, path: &Path) -> String {
+    let relative = path.strip_prefix(layout.host_root()).unwrap_or(path);
+    format!("/{}", relative.display())
+}
+
+fn run_smi(layout: &Layout, kernel: &dyn Kernel, staged: &Staged) -> Result<()> {
+    let in_host = |path: &Path| in_host(layout, path);
+    let smi = staged.bundle.join("bin/nvidia-smi");
+    if !smi.is_file() {
+        return Err(Error::Smi { path: smi, reason: "not in the bundle".to_owned() });
+    }
+    let output = kernel
+        .run(&in_host(&smi), &[], &in_host(&staged.bundle.join("lib")))
+        .map_err(|e| Error::Smi { path: smi.clone(), reason: e.to_string() })?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        let tail: String =
+            text.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        return Err(Error::Smi { path: smi, reason: format!("{}: {tail}", output.status) });
+    }
+    info!(output = %text.lines().take(12).collect::<Vec<_>>().join("\n"), "nvidia-smi succeeded");
+    Ok(())
+}
