@@ -10,6 +10,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod mutate;
 pub mod pod;
+pub mod quantity;
 pub mod server;
 pub mod tls;
 
@@ -20,6 +21,10 @@ pub use pod::PodView;
 /// Errors of this crate. Each says what failed and with what.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error(
+        "{list} {container:?} mounts the volume {volume:?}, which nvidia-installer injects read-only from the host; use another volume name"
+    )]
+    InjectedVolumeReferenced { list: &'static str, container: String, volume: String },
     #[error("pod annotation {annotation}: {error}")]
     InvalidPin { annotation: String, error: nvidia_contract::NameError },
     #[error("reading TLS material from {path}: {source}")]

@@ -112,11 +112,13 @@ pub fn mutate_view(pod: &PodView, config: &InjectConfig) -> crate::Result<Mutati
     let annotation = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
     let mut warnings = Vec::new();
 
-    let opt = annotation(contract::INJECT_ANNOTATION).map(str::trim);
-    if opt.is_some_and(|v| v.eq_ignore_ascii_case("false")) {
+    // Exactly "false" and "true", as the chart's matchConditions compare them: the API server
+    // and the offline `inject` decide alike.
+    let opt = annotation(contract::INJECT_ANNOTATION);
+    if opt == Some("false") {
         return Ok(Mutation::skipped(SkipReason::OptedOut, warnings));
     }
-    let opted_in = opt.is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let opted_in = opt == Some("true");
     if annotation(contract::INJECTED_ANNOTATION).is_some() {
         return Ok(Mutation::skipped(SkipReason::AlreadyInjected, warnings));
     }
@@ -148,6 +150,7 @@ pub fn mutate_view(pod: &PodView, config: &InjectConfig) -> crate::Result<Mutati
     }
 
     let volume_names: BTreeSet<&str> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
+    refuse_injected_volume_references(spec, &volume_names)?;
     if volume_names.contains(contract::ROOT_VOLUME) {
         warnings.push(format!(
             "nvidia-installer: the pod defines a volume named {:?}; it was left as it is and no driver was injected",
@@ -204,10 +207,8 @@ pub fn mutate_view(pod: &PodView, config: &InjectConfig) -> crate::Result<Mutati
     append_all(&mut head, &["spec", "volumes"], spec.volumes.is_some(), volumes);
     ops.splice(0..0, head);
     let mut wait = templates.wait[usize::from(is_guaranteed(spec))].clone();
-    if let Some(version) = pin
-        && let Some(args) = wait.get_mut("args").and_then(Value::as_array_mut)
-    {
-        args.extend(["--driver-version".into(), version.into()]);
+    if pin.is_some() {
+        wait["args"] = json!(WaitInvocation::for_pod(&config.driver_root, config.wait_timeout, pin).args());
     }
     if spec.init_containers.is_some() {
         ops.push(add(&["spec", "initContainers", "0"], wait));
@@ -216,6 +217,31 @@ pub fn mutate_view(pod: &PodView, config: &InjectConfig) -> crate::Result<Mutati
     }
 
     Ok(Mutation { outcome: Outcome::Injected { mounted }, patch: Patch(ops), warnings })
+}
+
+/// A mount of a volume the webhook is about to add would get the host's driver directory, and
+/// without `readOnly` writably: refuse the pod instead, naming the container and the volume. (A
+/// volume the pod defines itself under that name is the pod's own; the webhook does not add one.)
+fn refuse_injected_volume_references(spec: &SpecView, defined: &BTreeSet<&str>) -> crate::Result<()> {
+    let lists = [
+        ("container", Some(&spec.containers)),
+        ("init container", spec.init_containers.as_ref()),
+        ("ephemeral container", spec.ephemeral_containers.as_ref()),
+    ];
+    for (list, containers) in lists {
+        for container in containers.into_iter().flatten() {
+            for mount in container.volume_mounts.iter().flatten() {
+                if contract::INJECTED_VOLUMES.contains(&mount.name.as_str()) && !defined.contains(mount.name.as_str()) {
+                    return Err(crate::Error::InjectedVolumeReferenced {
+                        list,
+                        container: container.name.clone(),
+                        volume: mount.name.clone(),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The parts of the patch that depend on the settings only, built once per settings: a review
@@ -381,7 +407,7 @@ fn is_guaranteed(spec: &SpecView) -> bool {
         for name in ["cpu", "memory"] {
             let Some(limit) = limits.get(name) else { return false };
             let request = resources.requests.as_ref().and_then(|r| r.get(name)).unwrap_or(limit);
-            if request != limit {
+            if !crate::quantity::same(request, limit) {
                 return false;
             }
         }
@@ -622,6 +648,44 @@ pub(crate) mod tests {
             run(PodBuilder::new().container(gpu("a")).volume(json!({"name": "nvidia-installer-root", "emptyDir": {}})));
         assert_eq!(m.outcome, Outcome::Skipped(SkipReason::VolumeConflict));
         assert!(m.patch.0.is_empty());
+    }
+
+    #[test]
+    fn opt_in_and_out_are_spelled_exactly_as_the_charts_match_conditions_compare() {
+        for (value, outcome_injected) in [("false", false), ("False", true), (" false", true), ("FALSE", true)] {
+            let (m, _) = run(PodBuilder::new().container(gpu("a")).annotation(contract::INJECT_ANNOTATION, value));
+            assert_eq!(matches!(m.outcome, Outcome::Injected { .. }), outcome_injected, "{value:?}");
+        }
+        let plain = || json!({"name": "a", "image": "img"});
+        for (value, opted_in) in [("true", true), ("True", false), ("true ", false)] {
+            let (m, _) = run(PodBuilder::new().container(plain()).annotation(contract::INJECT_ANNOTATION, value));
+            assert_eq!(matches!(m.outcome, Outcome::Injected { .. }), opted_in, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn any_container_list_mounting_an_injected_volume_is_refused() {
+        let borrowing = |volume: &str| json!({"name": "side", "image": "img", "volumeMounts": [{"name": volume, "mountPath": "/x"}]});
+        for volume in contract::INJECTED_VOLUMES {
+            let pod = PodBuilder::new().container(gpu("a")).container(borrowing(volume)).build();
+            let error = mutate(&pod, &config()).expect_err("refused").to_string();
+            assert!(error.contains("container \"side\"") && error.contains(volume), "{error}");
+            let pod = PodBuilder::new().container(gpu("a")).init_container(borrowing(volume)).build();
+            assert!(mutate(&pod, &config()).expect_err("refused").to_string().contains("init container"));
+            let mut raw = PodBuilder::new().container(gpu("a")).json();
+            raw["spec"]["ephemeralContainers"] = json!([borrowing(volume)]);
+            let pod: Pod = serde_json::from_value(raw.clone()).expect("pod");
+            assert!(mutate(&pod, &config()).expect_err("refused").to_string().contains("ephemeral container"));
+            let view: PodView = serde_json::from_value(raw).expect("view");
+            assert!(mutate_view(&view, &config()).is_err(), "the server's view decides alike");
+        }
+        // The pod's own volume of that name is the pod's business: mounting it is not refused.
+        let own = PodBuilder::new()
+            .container(gpu("a"))
+            .container(borrowing(contract::DRIVER_VOLUME))
+            .volume(json!({"name": contract::DRIVER_VOLUME, "emptyDir": {}}))
+            .build();
+        assert!(mutate(&own, &config()).is_ok());
     }
 
     #[test]

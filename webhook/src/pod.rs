@@ -43,6 +43,9 @@ pub struct SpecView {
     pub init_containers: Option<Vec<ContainerView>>,
     #[serde(default)]
     pub volumes: Option<Vec<Named>>,
+    /// Read for their volume mounts only (a pod is created without them; checked all the same).
+    #[serde(default)]
+    pub ephemeral_containers: Option<Vec<ContainerView>>,
 }
 
 /// Anything identified by its name (a volume).
@@ -111,6 +114,9 @@ impl<'de> Deserialize<'de> for QuantityText {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MountView {
+    /// The volume mounted.
+    #[serde(default)]
+    pub name: String,
     pub mount_path: String,
 }
 
@@ -209,6 +215,19 @@ impl From<&Pod> for PodView {
                 containers: spec.containers.iter().map(ContainerView::from).collect(),
                 init_containers: spec.init_containers.as_ref().map(|c| c.iter().map(ContainerView::from).collect()),
                 volumes: spec.volumes.as_ref().map(|v| v.iter().map(|v| Named { name: v.name.clone() }).collect()),
+                ephemeral_containers: spec.ephemeral_containers.as_ref().map(|list| {
+                    list.iter()
+                        .map(|e| {
+                            ContainerView::from(&Container {
+                                name: e.name.clone(),
+                                resources: e.resources.clone(),
+                                volume_mounts: e.volume_mounts.clone(),
+                                env: e.env.clone(),
+                                ..Container::default()
+                            })
+                        })
+                        .collect()
+                }),
             }),
         }
     }
@@ -225,10 +244,9 @@ impl From<&Container> for ContainerView {
                 .resources
                 .as_ref()
                 .map(|r| ResourcesView { requests: quantities(&r.requests), limits: quantities(&r.limits) }),
-            volume_mounts: container
-                .volume_mounts
-                .as_ref()
-                .map(|m| m.iter().map(|m| MountView { mount_path: m.mount_path.clone() }).collect()),
+            volume_mounts: container.volume_mounts.as_ref().map(|m| {
+                m.iter().map(|m| MountView { name: m.name.clone(), mount_path: m.mount_path.clone() }).collect()
+            }),
             env: container.env.as_ref().map(|env| EnvView {
                 len: env.len(),
                 library_path: env.iter().rposition(|e| e.name == LIBRARY_PATH).map(|index| LibraryPath {

@@ -154,7 +154,9 @@ async fn decisions_per_case() {
         let case = get(unchanged);
         assert!(allowed(case) && case.patched.is_none(), "{unchanged} must pass unchanged: {}", case.answer);
     }
-    for refused in ["invalid-pin", "malformed-pod"] {
+    for refused in
+        ["invalid-pin", "malformed-pod", "references-injected-root-volume", "references-injected-driver-volume"]
+    {
         let case = get(refused);
         assert_eq!(case.answer["response"]["allowed"], false, "{refused}");
         assert!(
@@ -191,6 +193,18 @@ async fn decisions_per_case() {
     let keys = get("annotation-keys-with-tilde-and-slash").patched.clone().expect("patched");
     assert_eq!(keys["metadata"]["annotations"]["example.com/a~b"], "tilde");
     assert!(keys["metadata"]["annotations"]["nvidia-installer.gardenlinux.io/injected"].is_string());
+    for (case, container, volume) in [
+        ("references-injected-root-volume", "container \"sidecar\"", "\"nvidia-installer-root\""),
+        ("references-injected-driver-volume", "init container \"prep\"", "\"nvidia-driver\""),
+    ] {
+        let message = get(case).answer["response"]["status"]["message"].as_str().unwrap_or_default().to_owned();
+        assert!(message.contains(container) && message.contains(volume), "{case}: {message}");
+    }
+    // Requests and limits equal by value (1000m = 1, 1024Mi = 1Gi): the pod is Guaranteed and
+    // the wait container keeps it so.
+    let by_value = get("guaranteed-qos-by-value").patched.clone().expect("patched");
+    let wait = &by_value["spec"]["initContainers"][0]["resources"];
+    assert_eq!(wait["requests"], wait["limits"], "{wait}");
     let pinned = get("pinned-version").patched.clone().expect("patched");
     let args = pinned["spec"]["initContainers"][0]["args"].to_string();
     assert!(args.contains("\"--driver-version\",\"535.261.03\""), "{args}");

@@ -6,13 +6,17 @@ use nvidia_webhook::{InjectConfig, Outcome, PodView, mutate, mutate_view};
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 
+/// Volume names a container may mount: mostly its pod's own, now and then one the webhook injects.
+const MOUNTED: [&str; 6] = ["v0", "v0", "v0", "v0", "nvidia-driver", "nvidia-installer-root"];
+const INJECTED: [&str; 2] = ["nvidia-driver", "nvidia-installer-root"];
+
 const RESOURCES: [&str; 5] = ["nvidia.com/gpu", "nvidia.com/mig-2g.20gb", "cpu", "amd.com/gpu", "example.com/fpga"];
 
 fn container(
     name: String,
     resources: Vec<usize>,
     limits: bool,
-    mounts: Option<Vec<bool>>,
+    mounts: Option<Vec<(bool, usize)>>,
     env: Option<Vec<(bool, bool)>>,
 ) -> Value {
     let mut c = Map::new();
@@ -26,7 +30,7 @@ fn container(
         let list: Vec<Value> = mounts
             .iter()
             .enumerate()
-            .map(|(i, &at_nvidia)| json!({"name": "v0", "mountPath": if at_nvidia { "/usr/local/nvidia".to_owned() } else { format!("/data{i}") }}))
+            .map(|(i, &(at_nvidia, volume))| json!({"name": MOUNTED[volume], "mountPath": if at_nvidia { "/usr/local/nvidia".to_owned() } else { format!("/data{i}") }}))
             .collect();
         c.insert("volumeMounts".into(), Value::Array(list));
     }
@@ -53,7 +57,7 @@ prop_compose! {
         id in 0u32..1000,
         resources in prop::collection::vec(0usize..RESOURCES.len(), 0..3),
         limits in any::<bool>(),
-        mounts in prop::option::of(prop::collection::vec(prop::bool::weighted(0.1), 0..3)),
+        mounts in prop::option::of(prop::collection::vec((prop::bool::weighted(0.1), prop::sample::select(vec![0usize, 1, 2, 3, 4, 5, 0, 0, 0, 0, 0, 0])), 0..3)),
         env in prop::option::of(prop::collection::vec((prop::bool::weighted(0.3), prop::bool::weighted(0.2)), 0..3)),
     ) -> Value {
         container(format!("{prefix}{id}"), resources, limits, mounts, env)
@@ -66,6 +70,7 @@ prop_compose! {
         init in prop::option::of(prop::collection::vec(arb_container("i"), 0..3)),
         sidecar in any::<bool>(),
         volumes in prop::option::of(0usize..3),
+        own_driver_volume in prop::bool::weighted(0.1),
         annotations in prop::option::of(prop::collection::btree_map("[a-z~/.]{1,12}", "[a-z]{0,4}", 0..3)),
         opt in prop::option::of(prop::sample::select(vec!["true", "false", "TRUE", "maybe"])),
         pin in prop::option::of(prop::sample::select(vec!["535.261.03", "550.54.15"])),
@@ -103,10 +108,27 @@ prop_compose! {
             spec.insert("initContainers".into(), Value::Array(init));
         }
         if let Some(n) = volumes {
-            spec.insert("volumes".into(), Value::Array((0..n).map(|i| json!({"name": format!("v{i}"), "emptyDir": {}})).collect()));
+            let mut list: Vec<Value> = (0..n).map(|i| json!({"name": format!("v{i}"), "emptyDir": {}})).collect();
+            if own_driver_volume {
+                list.push(json!({"name": "nvidia-driver", "emptyDir": {}}));
+            }
+            spec.insert("volumes".into(), Value::Array(list));
         }
         json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec})
     }
+}
+
+/// The first injected volume name a container mounts without the pod defining that volume.
+fn borrowed_volume(pod: &Value) -> Option<String> {
+    let defined: Vec<&str> =
+        pod["spec"]["volumes"].as_array().into_iter().flatten().filter_map(|v| v["name"].as_str()).collect();
+    ["containers", "initContainers"]
+        .iter()
+        .flat_map(|list| pod["spec"][*list].as_array().into_iter().flatten())
+        .flat_map(|c| c["volumeMounts"].as_array().into_iter().flatten())
+        .filter_map(|m| m["name"].as_str())
+        .find(|name| INJECTED.contains(name) && !defined.contains(name))
+        .map(str::to_owned)
 }
 
 fn without_injection(pod: &Value) -> Value {
@@ -177,7 +199,21 @@ proptest! {
     fn patch_applies_keeps_the_pod_and_is_idempotent(raw in arb_pod()) {
         let config = InjectConfig::new("img");
         let pod: Pod = serde_json::from_value(raw.clone()).expect("generated pod reads");
-        let mutation = mutate(&pod, &config).expect("valid pins only");
+        let borrowed = borrowed_volume(&raw);
+        let mutation = match mutate(&pod, &config) {
+            Ok(mutation) => mutation,
+            Err(error) => {
+                // Only a pod that mounts a volume the webhook would add is refused, and the
+                // answer names the volume.
+                let volume = borrowed.expect("refused only for borrowing an injected volume");
+                prop_assert!(error.to_string().contains(&format!("{volume:?}")), "{}", error);
+                prop_assert!(mutate_view(&serde_json::from_value(raw).expect("view"), &config).is_err());
+                return Ok(());
+            }
+        };
+        if let Outcome::Injected { .. } = &mutation.outcome {
+            prop_assert_eq!(borrowed, None, "a pod that mounts an injected volume is never injected");
+        }
         // The server reads the pod straight from JSON into the view; inject goes through the
         // typed pod. Both see the same pod and decide the same.
         let view: PodView = serde_json::from_value(raw.clone()).expect("the view reads the pod");
@@ -188,6 +224,14 @@ proptest! {
         let typed: Pod = serde_json::from_value(patched.clone()).expect("patched pod reads as a Pod");
         prop_assert_eq!(normalize(&patched), normalize(&raw), "only the injection differs");
 
+        // No path through the webhook yields a writable mount of a host volume it added.
+        let host_volumes: Vec<&str> = typed.spec.iter().flat_map(|s| s.volumes.iter().flatten())
+            .filter(|v| v.host_path.is_some()).map(|v| v.name.as_str()).collect();
+        for c in typed.spec.iter().flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten())) {
+            for m in c.volume_mounts.iter().flatten().filter(|m| host_volumes.contains(&m.name.as_str())) {
+                prop_assert_eq!(m.read_only, Some(true), "{} mounts {} writably", &c.name, &m.name);
+            }
+        }
         if let Outcome::Injected { mounted } = &mutation.outcome {
             let spec = typed.spec.as_ref().expect("spec");
             let init = spec.init_containers.as_ref().expect("init containers");
@@ -198,7 +242,15 @@ proptest! {
                 if mounted.contains(&c.name) {
                     prop_assert_eq!((ours, at_nvidia), (1, 1), "{} gets exactly one driver mount", &c.name);
                 } else {
-                    prop_assert_eq!(ours, 0, "{} is not a target", &c.name);
+                    // A non-target keeps its mounts: none of ours (only of the pod's own volume
+                    // of that name, where it has one).
+                    let before = ["containers", "initContainers"].iter()
+                        .flat_map(|list| raw["spec"][*list].as_array().into_iter().flatten())
+                        .filter(|r| r["name"] == c.name.as_str())
+                        .flat_map(|r| r["volumeMounts"].as_array().into_iter().flatten())
+                        .filter(|m| m["name"] == "nvidia-driver")
+                        .count();
+                    prop_assert_eq!(ours, before, "{} is not a target", &c.name);
                 }
             }
         }
