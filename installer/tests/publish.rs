@@ -58,3 +58,33 @@ async fn a_failed_upload_leaves_no_manifest() {
     publish(&client, &out, GARDENLINUX, true, &Transfer::default()).await.expect_err("forced upload fails");
     assert!(server.get_object(BUCKET, &keys.manifest).is_none());
 }
+
+#[tokio::test]
+async fn a_refused_forced_publish_leaves_the_bucket_as_it_was() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let work = tempfile::tempdir().expect("work");
+    publish_bundle(&server, work.path(), KERNEL, DRIVER, 1 << 20).await;
+    let keys = BundleKeys::new(GARDENLINUX, KERNEL, DRIVER).expect("valid names");
+    let before = (server.get_object(BUCKET, &keys.manifest), server.get_object(BUCKET, &keys.archive));
+    assert!(before.0.is_some() && before.1.is_some());
+
+    // The same driver packed for another Garden Linux version, published over it with --force.
+    let other = work.path().join("other");
+    let dir = driver_dir(&other, KERNEL, DRIVER, 1 << 20);
+    let info = nvidia_installer::bundle::pack::BundleInfo {
+        driver_version: DRIVER.to_owned(),
+        kernel_release: KERNEL.to_owned(),
+        flavor: "open".to_owned(),
+        gardenlinux_version: Some("1592.9".to_owned()),
+    };
+    let manifest = nvidia_installer::bundle::pack::describe(&dir, &info).expect("describe");
+    let out = other.join("bundle.tar.zst");
+    nvidia_installer::bundle::pack::pack(&dir, &manifest, &out, 3).expect("pack");
+    let requests = server.log().entries().len();
+    let bucket = nvidia_installer::s3::Bucket::connect(&options(&server)).await.expect("bucket");
+    let error = publish(&bucket, &out, GARDENLINUX, true, &Transfer::default()).await.expect_err("refused");
+    assert!(error.to_string().contains("packed for Garden Linux 1592.9, not 1877.3"), "{error}");
+    assert_eq!(server.log().entries().len(), requests, "the bucket was not asked anything");
+    assert_eq!((server.get_object(BUCKET, &keys.manifest), server.get_object(BUCKET, &keys.archive)), before);
+}

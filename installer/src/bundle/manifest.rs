@@ -60,6 +60,8 @@ pub struct ArchiveEntry {
 
 pub const SCHEMA_VERSION: u32 = 1;
 pub const FILE_NAME: &str = "manifest.json";
+/// The largest manifest read (a bundle lists a few hundred files).
+pub const MAX_BYTES: u64 = 16 << 20;
 
 impl Manifest {
     pub fn parse(bytes: &[u8], source: &str) -> Result<Self> {
@@ -71,17 +73,33 @@ impl Manifest {
                 reason: format!("schema version {} is not {SCHEMA_VERSION}", manifest.schema_version),
             });
         }
+        let refuse = |reason: String| Error::Manifest { source_name: source.to_owned(), reason };
         for path in manifest.files.keys().chain(manifest.links.keys()) {
-            check_relative(Path::new(path)).map_err(|reason| Error::Manifest {
-                source_name: source.to_owned(),
-                reason: format!("{path}: {reason}"),
-            })?;
+            check_relative(Path::new(path)).map_err(|reason| refuse(format!("{path}: {reason}")))?;
+        }
+        for module in &manifest.modules {
+            let what = format!("module {:?} at {:?}", module.name, module.path);
+            if module.name.is_empty()
+                || !module.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(refuse(format!("{what}: the name is not a module name")));
+            }
+            check_relative(Path::new(&module.path)).map_err(|reason| refuse(format!("{what}: {reason}")))?;
+            if !module.path.starts_with("modules/") {
+                return Err(refuse(format!("{what}: modules live under modules/")));
+            }
+            if !manifest.files.contains_key(&module.path) {
+                return Err(refuse(format!("{what}: not among the bundle's verified files")));
+            }
         }
         Ok(manifest)
     }
 
+    /// Read a manifest on disk (a regular file of at most [`MAX_BYTES`], not through a link).
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io("reading", path, e))?;
+        let bytes = crate::durable::read_regular(path, MAX_BYTES)
+            .and_then(|b| b.ok_or_else(|| std::io::ErrorKind::NotFound.into()))
+            .map_err(|e| Error::io("reading", path, e))?;
         Self::parse(&bytes, &path.display().to_string())
     }
 

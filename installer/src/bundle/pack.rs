@@ -25,6 +25,13 @@ pub struct BundleInfo {
 
 /// Describe the files under `dir`.
 pub fn describe(dir: &Path, info: &BundleInfo) -> Result<Manifest> {
+    use nvidia_contract::{NameKind, names};
+    names::check(NameKind::DriverVersion, &info.driver_version)?;
+    names::check(NameKind::KernelRelease, &info.kernel_release)?;
+    names::check(NameKind::Flavor, &info.flavor)?;
+    if let Some(version) = &info.gardenlinux_version {
+        names::check(NameKind::GardenlinuxVersion, version)?;
+    }
     let mut files = BTreeMap::new();
     let mut links = BTreeMap::new();
     let mut modules = Vec::new();

@@ -1,6 +1,7 @@
 //! The host cache: which bundles are staged under `cache/<kernel>/<driver>/`, and whether one is
 //! complete.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use nvidia_contract::layout::Layout;
@@ -8,17 +9,66 @@ use serde::Serialize;
 
 use crate::bundle::manifest::{self, Manifest};
 
-/// A staged bundle is complete when its manifest reads and every file has its recorded size.
-/// (Contents were verified before the bundle was published by rename.)
-pub fn cached(bundle: &Path) -> Option<Manifest> {
-    let manifest = Manifest::read(&bundle.join(manifest::FILE_NAME)).ok()?;
-    for (path, entry) in &manifest.files {
-        let meta = std::fs::symlink_metadata(bundle.join(path)).ok()?;
-        if !meta.is_file() || meta.len() != entry.size {
-            return None;
+/// Whether a bundle file is run or loaded with host privileges: the kernel modules, the programs
+/// (`install` runs `nvidia-smi` as root), NVML (which `nvidia-smi` and the device plugin load),
+/// and the firmware the kernel loads. These are hashed again on every cache hit.
+pub fn runs_privileged(path: &str) -> bool {
+    ["modules/", "bin/", "firmware/", "lib/libnvidia-ml.so"].iter().any(|prefix| path.starts_with(prefix))
+}
+
+/// Check a staged bundle before it is used again: its manifest reads, it holds exactly the files
+/// and links the manifest lists (nothing added, which `LD_LIBRARY_PATH` or the module search
+/// could pick up), every file has its recorded size, every link its recorded target, and every
+/// file that runs with host privileges ([`runs_privileged`]) its recorded sha256. The rest was
+/// verified before the bundle was published by rename. `Err` says what differs.
+pub fn cached(bundle: &Path) -> Result<Manifest, String> {
+    let manifest = Manifest::read(&bundle.join(manifest::FILE_NAME)).map_err(|e| e.to_string())?;
+    let mut listed: BTreeSet<PathBuf> = manifest.files.keys().chain(manifest.links.keys()).map(PathBuf::from).collect();
+    listed.insert(PathBuf::from(manifest::FILE_NAME));
+    for entry in walk(bundle)? {
+        let relative = entry.strip_prefix(bundle).map_err(|e| e.to_string())?;
+        // Staging adds `lib64 -> lib` where the bundle has none (CUDA images look in lib64).
+        let lib64 = relative == Path::new("lib64") && std::fs::read_link(&entry).is_ok_and(|t| t == Path::new("lib"));
+        if !lib64 && !listed.contains(relative) && !listed.iter().any(|l| l.starts_with(relative)) {
+            return Err(format!("{} is not in the manifest", relative.display()));
         }
     }
-    Some(manifest)
+    for (path, entry) in &manifest.files {
+        let file = bundle.join(path);
+        let meta = std::fs::symlink_metadata(&file).map_err(|e| format!("{path}: {e}"))?;
+        if !meta.is_file() || meta.len() != entry.size {
+            return Err(format!("{path}: not a regular file of {} bytes", entry.size));
+        }
+        if runs_privileged(path) {
+            let actual = crate::bundle::sha256_file(&file).map_err(|e| e.to_string())?;
+            if actual != entry.sha256 {
+                return Err(format!("{path}: sha256 {actual}, the manifest says {}", entry.sha256));
+            }
+        }
+    }
+    for (path, target) in &manifest.links {
+        match std::fs::read_link(bundle.join(path)) {
+            Ok(actual) if actual == Path::new(target) => {}
+            _ => return Err(format!("{path}: not a link to {target}")),
+        }
+    }
+    Ok(manifest)
+}
+
+/// Every entry under `dir` (not following links).
+fn walk(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+            let entry = entry.map_err(|e| format!("{}: {e}", dir.display()))?;
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(entry.path());
+            }
+            found.push(entry.path());
+        }
+    }
+    Ok(found)
 }
 
 /// A bundle in the cache.

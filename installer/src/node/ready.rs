@@ -40,9 +40,21 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
+/// The largest ready marker or last error read (they are a few hundred bytes).
+pub const MAX_STATE_BYTES: u64 = 64 << 10;
+
+/// The ready marker: `Ok(None)` when there is none, an error saying why when it cannot be
+/// trusted (not a regular file, too large, not a marker).
+pub fn marker(layout: &Layout) -> std::result::Result<Option<ReadyMarker>, String> {
+    let Some(bytes) = crate::durable::read_regular(&layout.ready(), MAX_STATE_BYTES).map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| e.to_string())
+}
+
+/// The ready marker when there is a sound one.
 pub fn read_marker(layout: &Layout) -> Option<ReadyMarker> {
-    let bytes = std::fs::read(layout.ready()).ok()?;
-    serde_json::from_slice(&bytes).ok()
+    marker(layout).ok().flatten()
 }
 
 pub fn write_marker(layout: &Layout, marker: &ReadyMarker) -> Result<()> {
@@ -60,7 +72,8 @@ pub fn remove_marker(layout: &Layout) -> Result<()> {
 }
 
 pub fn read_last_error(layout: &Layout) -> Option<LastError> {
-    serde_json::from_slice(&std::fs::read(layout.last_error()).ok()?).ok()
+    let bytes = crate::durable::read_regular(&layout.last_error(), MAX_STATE_BYTES).ok()??;
+    serde_json::from_slice(&bytes).ok()
 }
 
 pub fn write_last_error(layout: &Layout, error: &LastError) -> Result<()> {
@@ -82,7 +95,16 @@ pub enum Readiness {
 
 /// Is the driver (or the pinned version) ready? If not, say why, in words for `kubectl describe`.
 pub fn check(layout: &Layout, pin: Option<&str>) -> Readiness {
-    if let Some(marker) = read_marker(layout) {
+    let marker = match marker(layout) {
+        Ok(marker) => marker,
+        Err(reason) => {
+            return Readiness::NotReady(format!(
+                "corrupt ready marker at {}: {reason}; the installer replaces it on its next run",
+                layout.ready().display()
+            ));
+        }
+    };
+    if let Some(marker) = marker {
         let boot = layout.boot_id();
         if let (Some(marked), Some(now)) = (&marker.boot_id, &boot)
             && marked != now

@@ -60,14 +60,14 @@ pub async fn stage_locked(layout: &Layout, request: &StageRequest) -> Result<Sta
     clean_leftovers(layout)?;
     let bundle = layout.bundle(&request.kernel_release, &request.driver_version);
     let (manifest, downloaded_from) = match cache::cached(&bundle) {
-        Some(manifest) => {
+        Ok(manifest) => {
             info!(bundle = %bundle.display(), "cache hit: bundle already staged and verified");
             (manifest, None)
         }
-        None => {
-            if bundle.exists() {
-                warn!(bundle = %bundle.display(), "cached bundle is incomplete or damaged; staging it again");
-                std::fs::remove_dir_all(&bundle).map_err(|e| Error::io("removing", &bundle, e))?;
+        Err(reason) => {
+            if std::fs::symlink_metadata(&bundle).is_ok() {
+                warn!(bundle = %bundle.display(), %reason, "cached bundle is incomplete or modified; staging it again");
+                remove_bundle(&bundle)?;
             }
             let (manifest, key) = download_and_publish(layout, request, &bundle).await?;
             (manifest, Some(key))
@@ -82,6 +82,13 @@ pub async fn stage_locked(layout: &Layout, request: &StageRequest) -> Result<Sta
         "staged"
     );
     Ok(Staged { bundle, manifest, downloaded_from, current, held_back_by })
+}
+
+/// Remove a cached bundle that failed its check (a file or link in its place included).
+fn remove_bundle(bundle: &Path) -> Result<()> {
+    let meta = std::fs::symlink_metadata(bundle).map_err(|e| Error::io("removing", bundle, e))?;
+    let removed = if meta.is_dir() { std::fs::remove_dir_all(bundle) } else { std::fs::remove_file(bundle) };
+    removed.map_err(|e| Error::io("removing", bundle, e))
 }
 
 /// Remove what a killed run left: staging directories and half-made links.
