@@ -218,6 +218,10 @@ pub struct S3Args {
     /// Ranged GETs in flight.
     #[arg(long, env = "NVIDIA_INSTALLER_CONCURRENCY", default_value_t = 8)]
     pub concurrency: usize,
+    /// The longest one ranged GET may take before it is retried from where it stopped (a stalled
+    /// or trickling server); after the retries the stage fails naming the object.
+    #[arg(long, env = "NVIDIA_INSTALLER_STALL_TIMEOUT", value_parser = humantime::parse_duration, default_value = "60s")]
+    pub stall_timeout: Duration,
 }
 
 /// Where the bucket is served and which CA to trust; shared by every command that talks to S3.
@@ -252,7 +256,12 @@ impl S3Args {
     }
 
     pub fn transfer(&self) -> Transfer {
-        Transfer { part_size: self.part_size, concurrency: self.concurrency, ..Transfer::default() }
+        Transfer {
+            part_size: self.part_size,
+            concurrency: self.concurrency,
+            stall_timeout: self.stall_timeout,
+            ..Transfer::default()
+        }
     }
 }
 

@@ -347,3 +347,29 @@ async fn a_newer_bundle_waits_beside_a_ready_driver() {
     assert!(layout.bundle(KERNEL, "550.163.01").join("manifest.json").is_file());
     assert_eq!(std::fs::read_link(layout.current()).expect("current"), Path::new("cache").join(KERNEL).join(DRIVER));
 }
+
+#[tokio::test]
+async fn a_trickling_server_is_cut_off_retried_and_named_and_the_lock_is_released() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let work = tempfile::tempdir().expect("work");
+    publish_bundle(&server, work.path(), KERNEL, DRIVER, 1 << 20).await;
+    let host_dir = tempfile::tempdir().expect("host");
+    let layout = host(host_dir.path());
+    // A few kilobytes a second: every read makes progress, no part ever completes in time.
+    server.set_bandwidth_limit(Some(4 * 1024));
+    let mut slow = request(&server, KERNEL, DRIVER);
+    slow.transfer.stall_timeout = std::time::Duration::from_millis(400);
+    slow.transfer.max_attempts = 2;
+    let error = stage(&layout, &slow).await.expect_err("stalls");
+    let message = error.to_string();
+    let key = nvidia_installer::s3::BundleKeys::new(GARDENLINUX, KERNEL, DRIVER).expect("valid names").archive;
+    assert!(message.contains(&format!("s3://{BUCKET}/{key}")), "{message}");
+    assert!(message.contains("gave up after 2 attempts: stalled"), "{message}");
+    assert!(message.contains("bytes of this part received"), "{message}");
+    assert_nothing_published(&layout);
+    // The host lock went with the failed stage: the next one runs (and, at full speed, succeeds).
+    server.set_bandwidth_limit(None);
+    let staged = stage(&layout, &request(&server, KERNEL, DRIVER)).await.expect("stage after the stall");
+    assert!(staged.current);
+}

@@ -49,13 +49,26 @@ pub struct Transfer {
     pub concurrency: usize,
     pub max_attempts: u32,
     pub backoff: Duration,
+    /// The longest one attempt at a ranged GET may take. A server that stalls or trickles (a byte
+    /// now and then keeps a read timeout happy) is cut off after this, and the part is retried
+    /// from where it stopped.
+    pub stall_timeout: Duration,
 }
 
 impl Default for Transfer {
     fn default() -> Self {
-        Self { part_size: 4 << 20, concurrency: 8, max_attempts: 6, backoff: Duration::from_millis(200) }
+        Self {
+            part_size: 4 << 20,
+            concurrency: 8,
+            max_attempts: 6,
+            backoff: Duration::from_millis(200),
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
+        }
     }
 }
+
+/// [`Transfer::stall_timeout`] unless configured: a 4 MiB part in a minute is 70 KB/s.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A bucket and the client that reaches it.
 #[derive(Debug, Clone)]
@@ -221,43 +234,20 @@ pub async fn get_range(
         if let Some(etag) = etag {
             request = request.if_match(etag);
         }
-        let failure = match request.send().await {
-            Ok(out) => {
-                let mut body = out.body;
-                let mut cut = None;
-                loop {
-                    match body.try_next().await {
-                        Ok(Some(chunk)) => {
-                            if buffer.len() + chunk.len() > want {
-                                return Err(Error::s3(
-                                    "GET",
-                                    bucket,
-                                    key,
-                                    format!("bytes={from}-{last} returned more than asked"),
-                                ));
-                            }
-                            buffer.extend_from_slice(&chunk);
-                        }
-                        Ok(None) => break,
-                        Err(error) => {
-                            cut = Some(format!("body cut short: {error}"));
-                            break;
-                        }
-                    }
-                }
-                if buffer.len() == want {
-                    return Ok(buffer.freeze());
-                }
-                cut.unwrap_or_else(|| format!("body ended after {} of {want} bytes", buffer.len()))
+        let had = buffer.len();
+        let failure = match tokio::time::timeout(transfer.stall_timeout, fetch(request, &mut buffer, want)).await {
+            Ok(Fetched::Complete) => return Ok(buffer.freeze()),
+            Ok(Fetched::Failed(failure)) => failure,
+            Ok(Fetched::TooMuch) => {
+                return Err(Error::s3("GET", bucket, key, format!("bytes={from}-{last} returned more than asked")));
             }
-            Err(error) if transient(&error) => describe(&error),
-            Err(error) => {
-                let reason = match status(&error) {
-                    Some(412) => "the object changed while it was being downloaded".to_owned(),
-                    _ => describe(&error),
-                };
-                return Err(Error::s3("GET", bucket, key, reason));
-            }
+            Ok(Fetched::Refused(error)) => return Err(Error::s3("GET", bucket, key, error)),
+            Err(_) => format!(
+                "stalled: bytes={from}-{last} not complete after {} ({} bytes of this part received, {} in this attempt)",
+                humantime::format_duration(transfer.stall_timeout),
+                buffer.len(),
+                buffer.len() - had
+            ),
         };
         attempt += 1;
         if attempt >= transfer.max_attempts {
@@ -265,6 +255,47 @@ pub async fn get_range(
         }
         warn!(bucket, key, range = %format!("{from}-{last}"), error = %failure, attempt, "transient S3 failure; resuming");
         tokio::time::sleep(backoff(transfer, attempt)).await;
+    }
+}
+
+/// How one attempt at a ranged GET ended.
+enum Fetched {
+    Complete,
+    /// Worth another attempt (from where it stopped).
+    Failed(String),
+    TooMuch,
+    /// Not worth another attempt.
+    Refused(String),
+}
+
+/// One attempt: send the request and append the body to `buffer`.
+async fn fetch(
+    request: aws_sdk_s3::operation::get_object::builders::GetObjectFluentBuilder,
+    buffer: &mut BytesMut,
+    want: usize,
+) -> Fetched {
+    let mut body = match request.send().await {
+        Ok(out) => out.body,
+        Err(error) if transient(&error) => return Fetched::Failed(describe(&error)),
+        Err(error) => {
+            return Fetched::Refused(match status(&error) {
+                Some(412) => "the object changed while it was being downloaded".to_owned(),
+                _ => describe(&error),
+            });
+        }
+    };
+    loop {
+        match body.try_next().await {
+            Ok(Some(chunk)) => {
+                if buffer.len() + chunk.len() > want {
+                    return Fetched::TooMuch;
+                }
+                buffer.extend_from_slice(&chunk);
+            }
+            Ok(None) if buffer.len() == want => return Fetched::Complete,
+            Ok(None) => return Fetched::Failed(format!("body ended after {} of {want} bytes", buffer.len())),
+            Err(error) => return Fetched::Failed(format!("body cut short: {error}")),
+        }
     }
 }
 

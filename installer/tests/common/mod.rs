@@ -90,6 +90,7 @@ pub fn request(server: &S3Server, kernel: &str, driver: &str) -> StageRequest {
             concurrency: 4,
             max_attempts: 6,
             backoff: std::time::Duration::from_millis(10),
+            ..Transfer::default()
         },
         limits: Limits::default(),
     }
