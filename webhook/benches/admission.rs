@@ -17,6 +17,9 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 
+#[path = "../tests/support/attack.rs"]
+mod attack;
+
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 fn main() {
@@ -274,6 +277,7 @@ async fn run(quick: bool) {
     let bundle = nvidia_certs::generate(&["localhost".to_owned()], nvidia_certs::Lifetimes::default()).expect("cert");
     std::fs::write(dir.path().join("tls.crt"), &bundle.cert).expect("cert");
     std::fs::write(dir.path().join("tls.key"), &bundle.key).expect("key");
+    std::fs::write(dir.path().join("ca.crt"), &bundle.ca_cert).expect("ca");
     let (webhook, baseline) = start_servers(dir.path());
     let body = Bytes::from(serde_json::to_vec(&fixture()).expect("json"));
     let huge = huge_review();
@@ -320,6 +324,53 @@ async fn run(quick: bool) {
     }
     for server in [&baseline, &webhook] {
         println!("{:15} peak RSS {:.1} MiB", server.name, server.peak_rss_kib() as f64 / 1024.0);
+    }
+    drop((webhook, baseline));
+    under_attack(dir.path(), &body, quick).await;
+}
+
+/// Ordinary reviews at a fixed rate while 1,000 slow connections (500 that never finish the TLS
+/// handshake, 500 that never finish a request head) and one HTTP/2 connection with 100 streams of
+/// almost 4 MiB that never finish are held open: p99 of the ordinary reviews and the server's
+/// RSS, for the baseline (no limits) and nvidia-webhook (default limits), each in a fresh process.
+async fn under_attack(dir: &Path, body: &Bytes, quick: bool) {
+    println!("# under attack: 1000 slow connections + 1 HTTP/2 connection with 100 unfinished ~4 MiB streams");
+    let duration = if quick { Duration::from_secs(2) } else { Duration::from_secs(6) };
+    for name in ["baseline", "nvidia-webhook"] {
+        let (server, ca) = if name == "baseline" {
+            let (webhook, baseline) = start_servers(dir);
+            drop(webhook);
+            let ca = std::fs::read_to_string(dir.join("ca.crt")).expect("ca");
+            (baseline, ca)
+        } else {
+            let (webhook, baseline) = start_servers(dir);
+            drop(baseline);
+            let ca = std::fs::read_to_string(dir.join("ca.crt")).expect("ca");
+            (webhook, ca)
+        };
+        let mut warm = connect(server.addr, &ca).await;
+        post(&mut warm, body).await;
+        let mut held = attack::slow_connections(server.addr, &ca, 500, 500).await;
+        attack::unfinished_h2_streams(server.addr, &ca, 100, (4 << 20) - 64 * 1024, &mut held).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (p50, p99, behind) = fixed_rate(server.addr, &ca, body, 200, duration).await;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap_or_default();
+        let rss = |field: &str| -> f64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+                / 1024.0
+        };
+        println!(
+            "{name:15} ordinary reviews at 200 req/s: p50 {:6.3} ms  p99 {:6.3} ms ({behind} waited); RSS {:.1} MiB, peak {:.1} MiB",
+            ms(p50),
+            ms(p99),
+            rss("VmRSS:"),
+            rss("VmHWM:")
+        );
+        drop(held);
     }
 }
 

@@ -6,8 +6,7 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{Request as HttpRequest, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -19,6 +18,7 @@ use serde_json::Value;
 use tracing::{debug, info, warn};
 
 use crate::config::InjectConfig;
+use crate::limits::{Budget, Held, Limits};
 use crate::metrics::Metrics;
 use crate::mutate::{Outcome, mutate_view};
 use crate::pod::PodView;
@@ -32,12 +32,20 @@ pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 pub struct AppState {
     pub config: InjectConfig,
     pub metrics: Metrics,
+    pub limits: Limits,
+    /// Request bodies buffered across the server.
+    pub budget: Budget,
     ready: AtomicBool,
 }
 
 impl AppState {
     pub fn new(config: InjectConfig) -> Arc<Self> {
-        Arc::new(Self { config, metrics: Metrics::new(), ready: AtomicBool::new(true) })
+        Self::with_limits(config, Limits::default())
+    }
+
+    pub fn with_limits(config: InjectConfig, limits: Limits) -> Arc<Self> {
+        let budget = Budget::new(limits.max_buffered_bytes);
+        Arc::new(Self { config, metrics: Metrics::new(), limits, budget, ready: AtomicBool::new(true) })
     }
 
     /// Mark the server as going away: `/readyz` fails so endpoints drop it before it stops.
@@ -53,7 +61,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
@@ -70,20 +77,96 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-async fn mutate_handler(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn mutate_handler(State(state): State<Arc<AppState>>, request: HttpRequest) -> Response {
     let started = Instant::now();
     state.metrics.requests.inc();
-    let response = match body {
-        Ok(body) => review(&state, &body),
-        Err(rejection) => {
-            let status = rejection.status();
-            state.metrics.error(if status == StatusCode::PAYLOAD_TOO_LARGE { "too-large" } else { "unreadable-body" });
-            warn!(%status, error = %rejection.body_text(), "admission request body refused");
-            (status, format!("{}; the limit is {MAX_BODY_BYTES} bytes\n", rejection.body_text())).into_response()
+    let response = match read_body(&state, request).await {
+        Ok((body, _held)) => review(&state, &body),
+        Err(refusal) => {
+            state.metrics.error(refusal.reason);
+            warn!(status = %refusal.status, error = %refusal.message, "admission request body refused");
+            (refusal.status, format!("{}\n", refusal.message)).into_response()
         }
     };
     state.metrics.latency.observe(started.elapsed().as_secs_f64());
     response
+}
+
+/// Why a request body was not read.
+struct Refusal {
+    status: StatusCode,
+    /// Metric label.
+    reason: &'static str,
+    message: String,
+}
+
+/// Read a request body within the body timeout, holding its bytes against the server's budget
+/// and (when served on a connection) the connection's. A declared `Content-Length` is taken
+/// from the budgets before any byte is read.
+async fn read_body(state: &AppState, request: HttpRequest) -> Result<(Bytes, Held), Refusal> {
+    use http_body_util::BodyExt;
+    let connection = request.extensions().get::<Budget>().cloned();
+    let budgets: Vec<&Budget> = std::iter::once(&state.budget).chain(connection.as_ref()).collect();
+    let too_large = |size: String| Refusal {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        reason: "too-large",
+        message: format!("the request body is {size}; the limit is {MAX_BODY_BYTES} bytes"),
+    };
+    let busy = |held: &Held, wanted: usize| Refusal {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        reason: "busy",
+        message: format!(
+            "too many request bytes in flight: {wanted} more bytes after {} would exceed the server's budget of {} or its connection's of {}",
+            held.bytes(),
+            state.limits.max_buffered_bytes,
+            state.limits.max_connection_bytes
+        ),
+    };
+    let declared =
+        request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let mut held = Held::default();
+    if let Some(length) = declared {
+        let length = usize::try_from(length).unwrap_or(usize::MAX);
+        if length > MAX_BODY_BYTES {
+            return Err(too_large(format!("{length} bytes")));
+        }
+        if !held.take(length, &budgets) {
+            return Err(busy(&held, length));
+        }
+    }
+    let mut body = request.into_body();
+    let read = async {
+        let mut bytes = bytes::BytesMut::with_capacity(held.bytes());
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|error| Refusal {
+                status: StatusCode::BAD_REQUEST,
+                reason: "unreadable-body",
+                message: format!("reading the request body: {error}"),
+            })?;
+            let Ok(chunk) = frame.into_data() else { continue };
+            let total = bytes.len() + chunk.len();
+            if total > MAX_BODY_BYTES {
+                return Err(too_large(format!("more than {MAX_BODY_BYTES} bytes")));
+            }
+            if total > held.bytes() && !held.take(total - held.bytes(), &budgets) {
+                return Err(busy(&held, total - held.bytes()));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(bytes.freeze())
+    };
+    match tokio::time::timeout(state.limits.body_timeout, read).await {
+        Ok(Ok(bytes)) => Ok((bytes, held)),
+        Ok(Err(refusal)) => Err(refusal),
+        Err(_) => Err(Refusal {
+            status: StatusCode::REQUEST_TIMEOUT,
+            reason: "slow-body",
+            message: format!(
+                "the request body did not arrive within {}",
+                humantime::format_duration(state.limits.body_timeout)
+            ),
+        }),
+    }
 }
 
 /// The review as it arrives, read in one pass: the envelope's three fields, and of the request

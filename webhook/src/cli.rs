@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::InjectConfig;
+use crate::limits::Limits;
 pub use nvidia_contract::logging::LogFormat;
 use nvidia_contract::{self as contract, DEFAULT_WAIT_TIMEOUT_TEXT};
 
@@ -76,7 +77,53 @@ pub struct ServeArgs {
     #[arg(long, env = "NVIDIA_WEBHOOK_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "20s")]
     pub drain_timeout: Duration,
     #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
     pub inject: InjectionArgs,
+}
+
+/// What one client can make the server hold (see `nvidia_webhook::limits`).
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    /// Connections open at once; more are closed at once.
+    #[arg(long, env = "NVIDIA_WEBHOOK_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
+    pub max_connections: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    #[arg(long, env = "NVIDIA_WEBHOOK_MAX_STREAMS", default_value_t = Limits::default().max_streams)]
+    pub max_streams: u32,
+    /// Time for a TLS handshake.
+    #[arg(long, env = "NVIDIA_WEBHOOK_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub handshake_timeout: Duration,
+    /// Time for an HTTP/1 request head.
+    #[arg(long, env = "NVIDIA_WEBHOOK_HEADER_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub header_timeout: Duration,
+    /// Time for a whole request body.
+    #[arg(long, env = "NVIDIA_WEBHOOK_BODY_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub body_timeout: Duration,
+    /// A connection with no request in flight this long is closed.
+    #[arg(long, env = "NVIDIA_WEBHOOK_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "90s")]
+    pub idle_timeout: Duration,
+    /// Request body bytes buffered at once across the server; beyond it requests get 503.
+    #[arg(long, env = "NVIDIA_WEBHOOK_MAX_BUFFERED_BYTES", default_value_t = Limits::default().max_buffered_bytes)]
+    pub max_buffered_bytes: usize,
+    /// Request body bytes buffered at once on one connection; beyond it requests get 503.
+    #[arg(long, env = "NVIDIA_WEBHOOK_MAX_CONNECTION_BYTES", default_value_t = Limits::default().max_connection_bytes)]
+    pub max_connection_bytes: usize,
+}
+
+impl LimitArgs {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_connections: self.max_connections.max(1),
+            max_streams: self.max_streams.max(1),
+            handshake_timeout: self.handshake_timeout,
+            header_timeout: self.header_timeout,
+            body_timeout: self.body_timeout,
+            idle_timeout: self.idle_timeout,
+            max_buffered_bytes: self.max_buffered_bytes,
+            max_connection_bytes: self.max_connection_bytes,
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -6,6 +6,7 @@
 pub mod admission;
 pub mod cli;
 pub mod config;
+pub mod limits;
 pub mod manifest;
 pub mod metrics;
 pub mod mutate;

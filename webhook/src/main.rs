@@ -26,7 +26,7 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
-            let state = AppState::new(args.inject.config()?);
+            let state = AppState::with_limits(args.inject.config()?, args.limits.limits());
             let options = ServeOptions {
                 listen: args.listen,
                 tls: TlsFiles { cert: args.tls_cert, key: args.tls_key },

@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -25,6 +26,10 @@ pub struct Metrics {
     pub skipped: Family<ReasonLabel, Counter>,
     pub errors: Family<ReasonLabel, Counter>,
     pub latency: Histogram,
+    /// Connections open now.
+    pub connections: Gauge,
+    /// Connections closed at once because `max_connections` were open.
+    pub refused_connections: Counter,
 }
 
 impl Default for Metrics {
@@ -47,10 +52,18 @@ impl Metrics {
         registry.register("skipped", "Pods left unchanged, by reason", skipped.clone());
         registry.register("errors", "Requests answered with an error, by kind", errors.clone());
         registry.register("admission_duration_seconds", "Time to answer an AdmissionReview", latency.clone());
+        let connections = Gauge::default();
+        let refused_connections = Counter::default();
+        registry.register("connections", "Client connections open", connections.clone());
+        registry.register(
+            "refused_connections",
+            "Connections closed at once because the connection limit was reached",
+            refused_connections.clone(),
+        );
         for reason in SkipReason::ALL.iter().map(|r| r.as_str()).chain([NOT_POD_CREATE]) {
             drop(skipped.get_or_create(&ReasonLabel { reason: reason.to_owned() }));
         }
-        Self { registry, requests, injected, skipped, errors, latency }
+        Self { registry, requests, injected, skipped, errors, latency, connections, refused_connections }
     }
 
     pub fn skip(&self, reason: &str) {

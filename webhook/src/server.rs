@@ -5,11 +5,20 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum_server::Handle;
+use axum::Router;
 use axum_server::tls_rustls::RustlsConfig;
-use tracing::{info, warn};
+use futures::FutureExt;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+use tracing::{debug, info, warn};
 
 use crate::admission::{AppState, router};
+use crate::limits::Budget;
 use crate::tls::{self, TlsFiles};
 use crate::{Error, Result};
 
@@ -33,6 +42,11 @@ pub async fn serve(options: ServeOptions, state: Arc<AppState>, shutdown: impl F
 }
 
 /// Serve on an already bound listener (tests bind port 0 and read the address first).
+///
+/// Each connection runs in a task of its own under the bounds of [`AppState::limits`]
+/// ([`crate::limits`]). On `shutdown`: `/readyz` fails, serving goes on for the shutdown delay,
+/// then no connection is accepted, open ones finish what is in flight within the drain timeout,
+/// and what is left is closed.
 pub async fn serve_on(
     listener: TcpListener,
     options: ServeOptions,
@@ -42,31 +56,215 @@ pub async fn serve_on(
     let addr = listener.local_addr().map_err(|source| Error::Serve { addr: options.listen, source })?;
     let serve_error = |source| Error::Serve { addr, source };
     listener.set_nonblocking(true).map_err(serve_error)?;
+    let listener = tokio::net::TcpListener::from_std(listener).map_err(serve_error)?;
     let loaded = wait_for_certificate(&options.tls).await?;
     let rustls = RustlsConfig::from_config(loaded.config);
     let watcher = tokio::spawn(tls::watch(options.tls.clone(), rustls.clone(), loaded.digest, options.reload_interval));
-
-    let handle: Handle<SocketAddr> = Handle::new();
-    let server = axum_server::tls_rustls::from_tcp_rustls(listener, rustls)
-        .map_err(serve_error)?
-        .handle(handle.clone())
-        .serve(router(state.clone()).into_make_service());
     info!(%addr, cert = %options.tls.cert.display(), "serving admission reviews over HTTPS");
-    let stopper = async {
-        shutdown.await;
-        state.set_ready(false);
-        info!(delay = ?options.shutdown_delay, drain = ?options.drain_timeout, "shutting down: no longer ready");
-        tokio::time::sleep(options.shutdown_delay).await;
-        handle.graceful_shutdown(Some(options.drain_timeout));
-        std::future::pending::<()>().await;
-    };
-    let result = tokio::select! {
-        result = server => result.map_err(serve_error),
-        () = stopper => Ok(()),
-    };
+
+    let router = router(state.clone());
+    let slots = Arc::new(Semaphore::new(state.limits.max_connections));
+    let (stop, stopped) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    let mut stopping = false;
+    let mut drain_from = None;
+    loop {
+        tokio::select! {
+            accepted = listener.accept(), if drain_from.is_none() => {
+                let (tcp, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        warn!(%error, "accepting a connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    state.metrics.refused_connections.inc();
+                    debug!(%peer, limit = state.limits.max_connections, "connection limit reached; closing");
+                    continue;
+                };
+                let acceptor = TlsAcceptor::from(rustls.get_inner());
+                let connection = Connection { state: state.clone(), router: router.clone(), stopped: stopped.clone() };
+                connections.spawn(connection.serve(tcp, acceptor, slot));
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            () = &mut shutdown, if !stopping => {
+                stopping = true;
+                state.set_ready(false);
+                info!(delay = ?options.shutdown_delay, drain = ?options.drain_timeout, "shutting down: no longer ready");
+                let stop = stop.clone();
+                let delay = options.shutdown_delay;
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = stop.send(true);
+                });
+            }
+            Ok(()) = stopped_changed(&stopped), if stopping && drain_from.is_none() => {
+                drain_from = Some(tokio::time::Instant::now());
+            }
+            () = drain_deadline(drain_from, options.drain_timeout), if drain_from.is_some() => {
+                warn!(open = connections.len(), "drain timeout: closing what is left");
+                break;
+            }
+        }
+        if drain_from.is_some() && connections.is_empty() {
+            break;
+        }
+    }
+    connections.shutdown().await;
     watcher.abort();
     info!("stopped");
-    result
+    Ok(())
+}
+
+/// Resolves when the stop signal turns true.
+async fn stopped_changed(stopped: &watch::Receiver<bool>) -> std::result::Result<(), watch::error::RecvError> {
+    let mut stopped = stopped.clone();
+    stopped.wait_for(|stop| *stop).await.map(|_| ())
+}
+
+async fn drain_deadline(from: Option<tokio::time::Instant>, timeout: Duration) {
+    match from {
+        Some(from) => tokio::time::sleep_until(from + timeout).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One client connection.
+struct Connection {
+    state: Arc<AppState>,
+    router: Router,
+    stopped: watch::Receiver<bool>,
+}
+
+impl Connection {
+    async fn serve(mut self, tcp: tokio::net::TcpStream, acceptor: TlsAcceptor, slot: OwnedSemaphorePermit) {
+        let limits = self.state.limits.clone();
+        self.state.metrics.connections.inc();
+        let _open = scopeguard(self.state.clone());
+        let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(error)) => {
+                debug!(%error, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                debug!("TLS handshake timed out");
+                return;
+            }
+        };
+        let activity = Activity::default();
+        let budget = Budget::new(limits.max_connection_bytes);
+        let service = {
+            let (router, activity) = (self.router.clone(), activity.clone());
+            tower::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                let (router, busy) = (router.clone(), activity.begin());
+                request.extensions_mut().insert(budget.clone());
+                async move {
+                    let response = router.oneshot(request).await;
+                    drop(busy);
+                    response
+                }
+            })
+        };
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).max_buf_size(64 * 1024);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.max_streams)
+            .initial_stream_window_size(256 * 1024)
+            .initial_connection_window_size(1024 * 1024)
+            .max_header_list_size(64 * 1024)
+            .max_pending_accept_reset_streams(Some(64))
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let connection = builder.serve_connection(TokioIo::new(tls), TowerToHyperService::new(service));
+        tokio::pin!(connection);
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        let mut closing: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        debug!(%error, "connection ended with an error");
+                    }
+                    break;
+                }
+                Ok(()) = self.stopped.wait_for(|stop| *stop).map(|r| r.map(|_| ())), if closing.is_none() => {
+                    connection.as_mut().graceful_shutdown();
+                    // Requests in flight get the server's drain timeout (it closes what is left).
+                    closing = Some(tokio::time::Instant::now() + Duration::from_secs(3600));
+                }
+                _ = ticker.tick(), if closing.is_none() => {
+                    if activity.idle_for() > limits.idle_timeout {
+                        debug!("idle connection closed");
+                        connection.as_mut().graceful_shutdown();
+                        closing = Some(tokio::time::Instant::now() + limits.header_timeout);
+                    }
+                }
+                () = sleep_until(closing), if closing.is_some() => break,
+            }
+        }
+        drop(slot);
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Decrements the open-connections gauge when the connection's task ends, however it ends.
+struct OpenConnection(Arc<AppState>);
+
+fn scopeguard(state: Arc<AppState>) -> OpenConnection {
+    OpenConnection(state)
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.metrics.connections.dec();
+    }
+}
+
+/// Requests in flight on a connection and when it last had one.
+#[derive(Debug, Clone, Default)]
+struct Activity(Arc<std::sync::Mutex<(usize, Option<std::time::Instant>)>>);
+
+impl Activity {
+    fn begin(&self) -> Busy {
+        if let Ok(mut state) = self.0.lock() {
+            state.0 += 1;
+        }
+        Busy(self.clone())
+    }
+
+    /// How long nothing has been in flight (zero while something is).
+    fn idle_for(&self) -> Duration {
+        let Ok(mut state) = self.0.lock() else { return Duration::ZERO };
+        if state.0 > 0 {
+            return Duration::ZERO;
+        }
+        state.1.get_or_insert_with(std::time::Instant::now).elapsed()
+    }
+}
+
+/// One request in flight.
+struct Busy(Activity);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if let Ok(mut state) = (self.0).0.lock() {
+            state.0 -= 1;
+            state.1 = Some(std::time::Instant::now());
+        }
+    }
 }
 
 /// The certificate may be written by a sidecar after the server starts: wait for it.

@@ -1,0 +1,127 @@
+//! What one client can make the server hold, bounded by configuration.
+//!
+//! - connections: at most [`Limits::max_connections`] at once; beyond that a new connection is
+//!   closed at once (it costs a socket, not a task);
+//! - time: a TLS handshake within [`Limits::handshake_timeout`], an HTTP/1 request head within
+//!   [`Limits::header_timeout`], a whole request body within [`Limits::body_timeout`], and a
+//!   connection with nothing in flight for [`Limits::idle_timeout`] is closed;
+//! - HTTP/2: at most [`Limits::max_streams`] concurrent streams per connection, with small flow
+//!   control windows (a client cannot push more than they allow before the server reads);
+//! - memory: request bodies are buffered against one budget for the whole server
+//!   ([`Limits::max_buffered_bytes`]) and one per connection
+//!   ([`Limits::max_connection_buffered_bytes`]); a request that would exceed either is answered
+//!   503 at once, its bytes unread.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The server's bounds (see the module documentation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_streams: u32,
+    pub handshake_timeout: Duration,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_buffered_bytes: usize,
+    pub max_connection_bytes: usize,
+}
+
+impl Default for Limits {
+    /// Sized for the chart's 128Mi memory limit: 32 MiB of request bodies in all, 8 MiB per
+    /// connection (two full-size reviews), 4,096 connections.
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            max_streams: 32,
+            handshake_timeout: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(5),
+            body_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(90),
+            max_buffered_bytes: 32 << 20,
+            max_connection_bytes: 8 << 20,
+        }
+    }
+}
+
+/// Budgets count in units of this many bytes.
+const UNIT: usize = 1024;
+
+fn units(bytes: usize) -> u32 {
+    u32::try_from(bytes.div_ceil(UNIT)).unwrap_or(u32::MAX)
+}
+
+/// A budget of buffered bytes shared by requests (the server's, or one connection's).
+#[derive(Debug, Clone)]
+pub struct Budget(Arc<Semaphore>);
+
+impl Budget {
+    pub fn new(bytes: usize) -> Self {
+        Self(Arc::new(Semaphore::new(units(bytes) as usize)))
+    }
+
+    /// Bytes still free.
+    pub fn available(&self) -> usize {
+        self.0.available_permits() * UNIT
+    }
+}
+
+/// Bytes one request holds against the server's budget and its connection's; given back when
+/// the request is done.
+#[derive(Debug, Default)]
+pub struct Held {
+    bytes: usize,
+    permits: Vec<OwnedSemaphorePermit>,
+}
+
+impl Held {
+    /// Take `bytes` more from every budget, or nothing (the caller refuses the request).
+    pub fn take(&mut self, bytes: usize, budgets: &[&Budget]) -> bool {
+        let want = units(self.bytes + bytes) - units(self.bytes);
+        if want == 0 {
+            self.bytes += bytes;
+            return true;
+        }
+        let mut taken = Vec::with_capacity(budgets.len());
+        for budget in budgets {
+            match budget.0.clone().try_acquire_many_owned(want) {
+                Ok(permit) => taken.push(permit),
+                Err(_) => return false,
+            }
+        }
+        self.permits.extend(taken);
+        self.bytes += bytes;
+        true
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budgets_are_shared_and_given_back() {
+        let server = Budget::new(10 * UNIT);
+        let connection = Budget::new(4 * UNIT);
+        let mut first = Held::default();
+        assert!(first.take(3 * UNIT, &[&server, &connection]));
+        assert!(first.take(10, &[&server, &connection]), "a partial unit rounds up");
+        assert_eq!((server.available(), connection.available()), (6 * UNIT, 0));
+        let mut second = Held::default();
+        assert!(!second.take(1, &[&server, &connection]), "the connection's budget is spent");
+        assert_eq!(server.available(), 6 * UNIT, "a refused take holds nothing");
+        let other_connection = Budget::new(8 * UNIT);
+        assert!(second.take(6 * UNIT, &[&server, &other_connection]));
+        assert!(!Held::default().take(1, &[&server, &other_connection]), "the server's budget is spent");
+        drop(first);
+        assert_eq!((server.available(), connection.available()), (4 * UNIT, 4 * UNIT));
+        assert_eq!(second.bytes(), 6 * UNIT);
+    }
+}
