@@ -73,6 +73,10 @@ pub struct DriverSourceArgs {
     /// Directory of *.patch files applied in name order before the build.
     #[arg(long, env = "NVIDIA_DRIVER_PATCHES")]
     pub patches: Option<PathBuf>,
+    /// GPU firmware for this driver version (gsp_*.bin), for sources that ship it apart from the
+    /// .run (e.g. Debian's firmware-nvidia-gsp): the files' directory, or a root with nvidia/<version>/.
+    #[arg(long, env = "NVIDIA_DRIVER_FIRMWARE")]
+    pub firmware: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

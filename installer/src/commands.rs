@@ -274,6 +274,7 @@ fn from_source(source: &DriverSourceArgs, needed_by: &str) -> Result<CompileRequ
         kernel_release: None,
         flavor: source.flavor,
         patches: given(&source.patches),
+        firmware: given(&source.firmware),
         output: PathBuf::new(),
         driver_version: None,
         gardenlinux_version: None,

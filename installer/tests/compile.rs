@@ -264,6 +264,12 @@ async fn real_open_modules_for_debian_6_1_publish_and_stage() {
         "{:?}",
         manifest.links
     );
+    // Debian's real GSP firmware for this driver (firmware-nvidia-gsp), with its digests.
+    for (file, size) in [("gsp_ga10x.bin", 38_254_112), ("gsp_tu10x.bin", 23_873_824)] {
+        let entry = &manifest.files[&format!("firmware/nvidia/{DRIVER}/{file}")];
+        assert_eq!(entry.size, size, "{file}");
+        assert_eq!(entry.sha256.len(), 64, "{file}");
+    }
 
     let server = S3Server::start();
     server.create_bucket(BUCKET);
@@ -336,6 +342,8 @@ fn fake_run(dir: &Path, version: &str) -> PathBuf {
     }
     std::fs::write(tree.join(".manifest"), format!("NVIDIA driver\n{version}\n")).expect("manifest");
     std::fs::write(tree.join("nvidia-smi"), "#!/bin/sh\necho smi\n").expect("smi");
+    std::fs::create_dir_all(tree.join("firmware")).expect("firmware");
+    std::fs::write(tree.join("firmware/gsp_tu10x.bin"), vec![9u8; 4096]).expect("firmware");
     for lib in ["libcuda", "libnvidia-ml", "libnvidia-ptxjitcompiler"] {
         std::fs::write(tree.join(format!("{lib}.so.{version}")), vec![1u8; 2048]).expect("lib");
     }
@@ -380,6 +388,11 @@ fn a_run_installer_is_extracted_and_auto_picks_the_flavor_by_branch() {
         assert!(manifest.files.contains_key(file), "{file}: {:?}", manifest.files.keys());
     }
     assert_eq!(manifest.links.get("lib/libcuda.so.1").map(String::as_str), Some("libcuda.so.535.261.03"));
+    assert_eq!(
+        manifest.files.get(&format!("firmware/nvidia/{DRIVER}/gsp_tu10x.bin")).map(|f| f.size),
+        Some(4096),
+        "the .run's firmware, where nvidia.ko asks for it"
+    );
 
     let output = compile(&["--flavor", "open"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));

@@ -323,6 +323,7 @@ async fn allow_compilation_builds_here_when_the_bucket_has_no_bundle() {
         kernel_release: Some(KERNEL.into()),
         flavor: nvidia_installer::compiler::compile::Flavor::Auto,
         patches: None,
+        firmware: None,
         output: layout.root().join("compile/bundle.tar.zst"),
         driver_version: Some(DRIVER.into()),
         gardenlinux_version: Some(GARDENLINUX.into()),
@@ -378,4 +379,104 @@ async fn dry_run_stages_and_lists_every_kernel_operation_without_performing_any(
     let plan = dry_run(&layout, &request).await.expect("dry run after install");
     assert!(plan.modules.iter().all(|m| m.loaded), "{:?}", plan.modules);
     assert!(plan.to_string().contains("  1. skip nvidia: already loaded"), "{plan}");
+}
+
+/// Publish a bundle whose `firmware/nvidia/<driver>/` holds `gsp_tu10x.bin`; returns its bytes.
+async fn publish_with_firmware(server: &S3Server, work: &std::path::Path) -> Vec<u8> {
+    let dir = driver_dir(work, KERNEL, DRIVER, 64 * 1024);
+    let firmware = dir.join(format!("firmware/nvidia/{DRIVER}"));
+    std::fs::create_dir_all(&firmware).expect("firmware dir");
+    let bytes = b"GSP firmware stand-in".repeat(100);
+    std::fs::write(firmware.join("gsp_tu10x.bin"), &bytes).expect("firmware");
+    let out = work.join("firmware-bundle.tar.zst");
+    let manifest = pack_bundle(&dir, KERNEL, DRIVER, &out);
+    assert!(manifest.files.contains_key(&format!("firmware/nvidia/{DRIVER}/gsp_tu10x.bin")), "listed with its digest");
+    let bucket = nvidia_installer::s3::Bucket::connect(&options(server)).await.expect("bucket");
+    nvidia_installer::compiler::publish::publish(&bucket, &out, GARDENLINUX, false, &Default::default())
+        .await
+        .expect("publish");
+    bytes
+}
+
+#[tokio::test]
+async fn the_bundles_firmware_is_findable_before_nvidia_loads_and_after_current_moves() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let work = tempfile::tempdir().expect("work");
+    let firmware = publish_with_firmware(&server, work.path()).await;
+    let host_dir = tempfile::tempdir().expect("host");
+    let layout = host(host_dir.path());
+    let parameter = host_dir.path().join("sys/module/firmware_class/parameters/path");
+    std::fs::create_dir_all(parameter.parent().expect("parent")).expect("sys");
+    std::fs::write(&parameter, "").expect("parameter");
+    let request =
+        InstallRequest { stage: request(&server, KERNEL, DRIVER), modules: modules(&["nvidia"]), compile: None };
+
+    // The dry run says what will be done, and does nothing.
+    let plan = dry_run(&layout, &request).await.expect("dry run");
+    let text = plan.to_string();
+    assert!(
+        text.contains(&format!("link /opt/nvidia-installer/firmware/nvidia/{DRIVER} -> ../../cache/{KERNEL}/{DRIVER}/firmware/nvidia/{DRIVER}"))
+            && text.contains("then write /opt/nvidia-installer/firmware to /sys/module/firmware_class/parameters/path"),
+        "{text}"
+    );
+    let first_step = text.lines().next().unwrap_or_default();
+    assert!(first_step.contains("firmware"), "firmware comes before the first module load: {text}");
+    assert_eq!(std::fs::read_to_string(&parameter).expect("parameter"), "");
+
+    // Without the installer's step, the stand-in nvidia finds no firmware and fails.
+    let mut bare = SimKernel::new(host_dir.path());
+    bare.firmware = Some(format!("nvidia/{DRIVER}/gsp_tu10x.bin"));
+    assert!(
+        nvidia_installer::node::kernel::Kernel::load(&bare, &layout.current().join("modules/nvidia.ko"), "").is_err()
+    );
+
+    let mut kernel = SimKernel::new(host_dir.path());
+    kernel.firmware = Some(format!("nvidia/{DRIVER}/gsp_tu10x.bin"));
+    install(&layout, &request, &kernel, &Reporter::Log).await.expect("install");
+    assert_eq!(std::fs::read_to_string(&parameter).expect("parameter"), "/opt/nvidia-installer/firmware");
+    let found = kernel.firmware_found.lock().expect("found").clone();
+    assert_eq!(found.len(), 1);
+    assert_eq!(std::fs::read(&found[0]).expect("firmware"), firmware, "the loader read the bundle's file");
+
+    // `current` moving to another bundle does not take the loaded driver's firmware away.
+    std::os::unix::fs::symlink("cache/elsewhere", layout.root().join(".moved")).expect("link");
+    std::fs::rename(layout.root().join(".moved"), layout.current()).expect("move current");
+    let link = layout.root().join(format!("firmware/nvidia/{DRIVER}/gsp_tu10x.bin"));
+    assert_eq!(std::fs::read(link).expect("still there"), firmware);
+}
+
+#[tokio::test]
+async fn a_firmware_path_set_by_someone_else_is_never_silently_replaced() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let work = tempfile::tempdir().expect("work");
+    let firmware = publish_with_firmware(&server, work.path()).await;
+    let host_dir = tempfile::tempdir().expect("host");
+    let layout = host(host_dir.path());
+    let parameter = host_dir.path().join("sys/module/firmware_class/parameters/path");
+    std::fs::create_dir_all(parameter.parent().expect("parent")).expect("sys");
+    std::fs::write(&parameter, "/var/lib/firmware\n").expect("parameter");
+    let request =
+        InstallRequest { stage: request(&server, KERNEL, DRIVER), modules: modules(&["nvidia"]), compile: None };
+
+    let kernel = SimKernel::new(host_dir.path());
+    let error = install(&layout, &request, &kernel, &Reporter::Log).await.expect_err("someone else's path");
+    let message = error.to_string();
+    assert!(
+        message.contains("is set to \"/var/lib/firmware\" by someone else") && message.contains("gsp_tu10x.bin"),
+        "{message}"
+    );
+    assert!(kernel.calls().is_empty(), "nothing loaded: {:?}", kernel.calls());
+    assert_eq!(std::fs::read_to_string(&parameter).expect("parameter"), "/var/lib/firmware\n", "left as it was");
+
+    // Where that path (or /lib/firmware) already holds the files, nothing needs to change.
+    let theirs = host_dir.path().join(format!("var/lib/firmware/nvidia/{DRIVER}"));
+    std::fs::create_dir_all(&theirs).expect("dir");
+    std::fs::write(theirs.join("gsp_tu10x.bin"), &firmware).expect("firmware");
+    let mut kernel = SimKernel::new(host_dir.path());
+    kernel.firmware = Some(format!("nvidia/{DRIVER}/gsp_tu10x.bin"));
+    install(&layout, &request, &kernel, &Reporter::Log).await.expect("install");
+    assert_eq!(std::fs::read_to_string(&parameter).expect("parameter"), "/var/lib/firmware\n");
+    assert!(!layout.root().join("firmware").exists(), "no link needed");
 }

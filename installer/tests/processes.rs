@@ -202,3 +202,96 @@ async fn a_full_disk_fails_naming_the_file_and_publishes_nothing() {
     // Outside the namespace the host root is untouched: the tmpfs was never mounted here.
     assert!(!layout.current().exists());
 }
+
+/// `kill -9` of `stage` at 50 seeded random points spread over the download, the extraction and
+/// the switch of `current` (reproducible: the seed and the points are printed). After every kill:
+/// `current` is the old bundle or the new one and the bundle it names is complete, nothing
+/// partial sits in the cache, no ready marker appeared; after the next run: no staging
+/// leftovers, no half-made link, `current` is the new bundle.
+#[tokio::test]
+async fn kill_9_at_50_random_points_never_leaves_a_partial_state() {
+    const OLD: &str = "535.247.01";
+    const SEED: u64 = 0x6e76_6964_6961;
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let work = tempfile::tempdir().expect("work");
+    publish_bundle(&server, work.path(), KERNEL, OLD, 256 << 10).await;
+    publish_bundle(&server, work.path(), KERNEL, DRIVER, 2 << 20).await;
+    let host_dir = tempfile::tempdir().expect("host");
+    let layout = host(host_dir.path());
+    let stage = |driver: &str| {
+        let mut command = installer(&server, host_dir.path());
+        command.arg("stage").env("NVIDIA_DRIVER_VERSION", driver).stdout(Stdio::null()).stderr(Stdio::piped());
+        command
+    };
+    let run = |driver: &str| {
+        let output = stage(driver).output().expect("stage");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    };
+    // About 8 MiB/s: the download takes a good part of the run, so kills land in every phase.
+    server.set_bandwidth_limit(Some(8 << 20));
+    run(OLD);
+    let old = layout.bundle(KERNEL, OLD);
+    let new = layout.bundle(KERNEL, DRIVER);
+    let reset = || {
+        let _ = std::fs::remove_dir_all(&new);
+        let link = layout.root().join(".reset");
+        std::os::unix::fs::symlink(nvidia_contract::Layout::bundle_relative(KERNEL, OLD), &link).expect("link");
+        std::fs::rename(&link, layout.current()).expect("switch back");
+    };
+    let started = Instant::now();
+    run(DRIVER);
+    let full = started.elapsed();
+    reset();
+
+    let mut rng = fastrand::Rng::with_seed(SEED);
+    let (mut before_extraction, mut extracting, mut published_not_switched, mut switched) = (0, 0, 0, 0);
+    let mut points = Vec::new();
+    for _ in 0..50 {
+        let at = full.mul_f64(rng.f64() * 1.1);
+        points.push(at.as_millis());
+        let mut child = stage(DRIVER).spawn().expect("spawn");
+        std::thread::sleep(at);
+        let _ =
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL);
+        let _ = child.wait();
+
+        let current = std::fs::read_link(layout.current()).expect("current is a link");
+        let current = layout.root().join(current);
+        assert!(current == old || current == new, "current names {}", current.display());
+        nvidia_installer::node::cache::cached(&current)
+            .unwrap_or_else(|reason| panic!("current names a partial bundle: {reason}"));
+        for bundle in [&old, &new] {
+            if bundle.exists() {
+                nvidia_installer::node::cache::cached(bundle)
+                    .unwrap_or_else(|reason| panic!("partial bundle {} in the cache: {reason}", bundle.display()));
+            }
+        }
+        assert!(std::fs::symlink_metadata(layout.ready()).is_err(), "a ready marker appeared");
+        match (new.exists(), current == new) {
+            (false, _) if walk_count(&layout.staging()) == 0 => before_extraction += 1,
+            (false, _) => extracting += 1,
+            (true, false) => published_not_switched += 1,
+            (true, true) => switched += 1,
+        }
+
+        run(DRIVER);
+        assert_eq!(std::fs::read_dir(layout.staging()).map(|d| d.count()).unwrap_or(0), 0, "staging leftovers");
+        let stray: Vec<_> = std::fs::read_dir(layout.root())
+            .expect("root")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".current.tmp"))
+            .collect();
+        assert!(stray.is_empty(), "half-made links: {stray:?}");
+        assert_eq!(layout.root().join(std::fs::read_link(layout.current()).expect("current")), new);
+        reset();
+    }
+    println!(
+        "kill -9 at 50 points (seed {SEED:#x}, a full stage took {} ms; points in ms: {points:?}): \
+         {before_extraction} before extraction began, {extracting} during download and extraction, \
+         {published_not_switched} after publishing and before the switch, {switched} after the switch; \
+         0 partial states, 0 leftovers after the next run",
+        full.as_millis()
+    );
+    assert!(extracting > 0 && switched > 0, "the points did not spread over the phases");
+}

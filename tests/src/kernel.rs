@@ -8,6 +8,9 @@ use std::sync::Mutex;
 
 use nvidia_installer::node::kernel::Kernel;
 
+/// `ENOENT` (Linux): what a module load that finds no firmware fails with here.
+const ENOENT: i32 = 2;
+
 /// One request to the kernel seam.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
@@ -26,15 +29,37 @@ pub struct SimKernel {
     pub calls: Mutex<Vec<Call>>,
     pub fail: Option<(String, i32)>,
     pub gpus: usize,
+    /// Firmware `nvidia` requests when it loads (e.g. `nvidia/535.261.03/gsp_tu10x.bin`), looked
+    /// up as the kernel's loader does: under the directory `firmware_class.path` names, then
+    /// `/lib/firmware`. Missing, the load fails (`ENOENT`), as the GPU's initialisation would.
+    pub firmware: Option<String>,
+    /// Where each requested firmware file was found.
+    pub firmware_found: Mutex<Vec<PathBuf>>,
 }
 
 impl SimKernel {
     pub fn new(root: &Path) -> Self {
-        Self { root: root.to_owned(), calls: Mutex::new(Vec::new()), fail: None, gpus: 2 }
+        Self {
+            root: root.to_owned(),
+            calls: Mutex::new(Vec::new()),
+            fail: None,
+            gpus: 2,
+            firmware: None,
+            firmware_found: Mutex::new(Vec::new()),
+        }
     }
 
     pub fn calls(&self) -> Vec<Call> {
         self.calls.lock().expect("calls").clone()
+    }
+
+    /// The firmware loader's search: `firmware_class.path`, then `/lib/firmware` (host paths).
+    fn find_firmware(&self, name: &str) -> Option<PathBuf> {
+        let parameter =
+            std::fs::read_to_string(self.root.join("sys/module/firmware_class/parameters/path")).unwrap_or_default();
+        let custom = parameter.trim_end_matches('\n');
+        let dirs = (!custom.is_empty()).then(|| custom.to_owned()).into_iter().chain(["/lib/firmware".to_owned()]);
+        dirs.map(|dir| self.root.join(dir.trim_start_matches('/')).join(name)).find(|path| path.is_file())
     }
 
     fn append(&self, path: &str, line: &str) {
@@ -65,6 +90,14 @@ impl Kernel for SimKernel {
             && *failing == name
         {
             return Err(io::Error::from_raw_os_error(*errno));
+        }
+        if name == "nvidia"
+            && let Some(firmware) = &self.firmware
+        {
+            match self.find_firmware(firmware) {
+                Some(found) => self.firmware_found.lock().expect("found").push(found),
+                None => return Err(io::Error::from_raw_os_error(ENOENT)),
+            }
         }
         self.append("proc/modules", &format!("{name} 1000 0 - Live 0x0000000000000000"));
         if name == "nvidia" {

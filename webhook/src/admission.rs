@@ -1,7 +1,7 @@
 //! The HTTP layer: parse the AdmissionReview, call [`mutate`](crate::mutate()), answer.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use axum::Router;
@@ -36,6 +36,9 @@ pub struct AppState {
     /// Request bodies buffered across the server.
     pub budget: Budget,
     ready: AtomicBool,
+    started: Instant,
+    /// Second (since `started`, plus one) of the last refusal logged at `warn`.
+    last_refusal_log: AtomicU64,
 }
 
 impl AppState {
@@ -45,7 +48,21 @@ impl AppState {
 
     pub fn with_limits(config: InjectConfig, limits: Limits) -> Arc<Self> {
         let budget = Budget::new(limits.max_buffered_bytes);
-        Arc::new(Self { config, metrics: Metrics::new(), limits, budget, ready: AtomicBool::new(true) })
+        Arc::new(Self {
+            config,
+            metrics: Metrics::new(),
+            limits,
+            budget,
+            ready: AtomicBool::new(true),
+            started: Instant::now(),
+            last_refusal_log: AtomicU64::new(0),
+        })
+    }
+
+    /// Whether a refusal may be logged at `warn` now (at most one a second).
+    fn log_refusal_now(&self) -> bool {
+        let now = self.started.elapsed().as_secs() + 1;
+        self.last_refusal_log.swap(now, Ordering::Relaxed) != now
     }
 
     /// Mark the server as going away: `/readyz` fails so endpoints drop it before it stops.
@@ -84,7 +101,13 @@ async fn mutate_handler(State(state): State<Arc<AppState>>, request: HttpRequest
         Ok((body, _held)) => review(&state, &body),
         Err(refusal) => {
             state.metrics.error(refusal.reason);
-            warn!(status = %refusal.status, error = %refusal.message, "admission request body refused");
+            // A flood of refusals is counted in full but logged at most once a second: the log must
+            // not become what a hostile client fills.
+            if state.log_refusal_now() {
+                warn!(status = %refusal.status, error = %refusal.message, "admission request body refused");
+            } else {
+                debug!(status = %refusal.status, error = %refusal.message, "admission request body refused");
+            }
             (refusal.status, format!("{}\n", refusal.message)).into_response()
         }
     };

@@ -38,7 +38,7 @@ impl Default for Limits {
 /// How archive paths map to bundle paths.
 #[derive(Debug, Clone)]
 pub enum PathMap {
-    /// The bundle layout: `bin/`, `lib/`, `lib64`, `modules/`, `manifest.json`.
+    /// The bundle layout: `bin/`, `lib/`, `lib64`, `modules/`, `firmware/`, `manifest.json`.
     Bundle,
     /// The original system's layout: `bin/`, `lib/`, `lib/modules/<kernel>/…/*.ko`; modules move
     /// to `modules/`, other kernels' modules are skipped.
@@ -105,9 +105,9 @@ impl PathMap {
         let first = path.components().next().and_then(|c| c.as_os_str().to_str()).unwrap_or_default().to_owned();
         match self {
             Self::Bundle => match first.as_str() {
-                "bin" | "lib" | "lib64" | "modules" | "manifest.json" => Ok(Some(path.to_owned())),
+                "bin" | "lib" | "lib64" | "modules" | "firmware" | "manifest.json" => Ok(Some(path.to_owned())),
                 _ => Err(format!(
-                    "unexpected top-level entry {first:?} (a bundle holds bin/, lib/, modules/, manifest.json)"
+                    "unexpected top-level entry {first:?} (a bundle holds bin/, lib/, modules/, firmware/, manifest.json)"
                 )),
             },
             Self::Legacy { kernel } => {

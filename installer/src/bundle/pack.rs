@@ -35,7 +35,7 @@ pub fn describe(dir: &Path, info: &BundleInfo) -> Result<Manifest> {
     let mut files = BTreeMap::new();
     let mut links = BTreeMap::new();
     let mut modules = Vec::new();
-    for top in ["bin", "lib", "modules"] {
+    for top in ["bin", "lib", "modules", "firmware"] {
         walk(dir, &dir.join(top), &mut files, &mut links)?;
     }
     for path in files.keys().filter(|p| p.starts_with("modules/") && p.ends_with(".ko")) {

@@ -43,6 +43,11 @@ pub struct CompileRequest {
     pub flavor: Flavor,
     /// `*.patch` files applied in name order (`patch -p1` in the module source directory).
     pub patches: Option<PathBuf>,
+    /// GPU firmware for this driver version (`gsp_*.bin`), for sources that ship it apart from the
+    /// `.run` (e.g. Debian's `firmware-nvidia-gsp`): the directory holding the files, or a
+    /// firmware root holding `nvidia/<version>/`. Default: the `.run`'s own `firmware/`.
+    #[serde(default)]
+    pub firmware: Option<PathBuf>,
     pub output: PathBuf,
     /// Default: read from the sources.
     pub driver_version: Option<String>,
@@ -132,6 +137,7 @@ pub fn compile(request: &CompileRequest, work: &Path) -> Result<Compiled> {
             });
         }
     }
+    copy_firmware(request.firmware.as_deref(), prepared.run_dir.as_deref(), &driver_version, &bundle)?;
     let info = BundleInfo {
         driver_version,
         kernel_release,
@@ -499,6 +505,51 @@ fn copy_userspace(dir: &Path, bundle: &Path) -> Result<()> {
             reason: "has no bin/nvidia-smi".to_owned(),
         });
     }
+    Ok(())
+}
+
+/// The GPU firmware (`gsp_*.bin` and the like) into `firmware/nvidia/<version>/`, where `nvidia.ko`
+/// asks for it: from `--firmware` (the files, or a root holding `nvidia/<version>/`), else from
+/// the extracted `.run`'s `firmware/`.
+fn copy_firmware(given: Option<&Path>, run: Option<&Path>, version: &str, bundle: &Path) -> Result<()> {
+    let from = match (given, run) {
+        (Some(dir), _) => {
+            let nested = dir.join("nvidia").join(version);
+            let from = if nested.is_dir() { nested } else { dir.to_owned() };
+            if !from.is_dir() {
+                return Err(Error::DriverSource {
+                    source_name: dir.display().to_string(),
+                    reason: "--firmware is not a directory".to_owned(),
+                });
+            }
+            from
+        }
+        (None, Some(run)) if run.join("firmware").is_dir() => run.join("firmware"),
+        _ => {
+            warn!(
+                "no GPU firmware for this driver: NVIDIA's open modules (and the proprietary ones on GSP GPUs) cannot                  initialise a GPU without nvidia/{version}/gsp_*.bin; pass --firmware DIR"
+            );
+            return Ok(());
+        }
+    };
+    let target = bundle.join("firmware/nvidia").join(version);
+    std::fs::create_dir_all(&target).map_err(|e| Error::io("creating", &target, e))?;
+    let mut copied = 0;
+    for entry in std::fs::read_dir(&from).map_err(|e| Error::io("reading", &from, e))? {
+        let entry = entry.map_err(|e| Error::io("reading", &from, e))?;
+        let name = entry.file_name();
+        if entry.path().is_file() && name.to_string_lossy().ends_with(".bin") {
+            std::fs::copy(entry.path(), target.join(&name)).map_err(|e| Error::io("copying", &entry.path(), e))?;
+            copied += 1;
+        }
+    }
+    if copied == 0 {
+        return Err(Error::DriverSource {
+            source_name: from.display().to_string(),
+            reason: format!("holds no firmware (*.bin) for driver {version}"),
+        });
+    }
+    info!(from = %from.display(), files = copied, "GPU firmware added to the bundle");
     Ok(())
 }
 

@@ -3,11 +3,12 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use nvidia_contract::layout::Layout;
 use serde::Serialize;
 
-use crate::bundle::manifest::{self, Manifest};
+use crate::bundle::manifest::{self, FileEntry, Manifest};
 
 /// Whether a bundle file is run or loaded with host privileges: the kernel modules, the programs
 /// (`install` runs `nvidia-smi` as root), NVML (which `nvidia-smi` and the device plugin load),
@@ -34,18 +35,13 @@ pub fn cached(bundle: &Path) -> Result<Manifest, String> {
         }
     }
     for (path, entry) in &manifest.files {
-        let file = bundle.join(path);
-        let meta = std::fs::symlink_metadata(&file).map_err(|e| format!("{path}: {e}"))?;
+        let meta = std::fs::symlink_metadata(bundle.join(path)).map_err(|e| format!("{path}: {e}"))?;
         if !meta.is_file() || meta.len() != entry.size {
             return Err(format!("{path}: not a regular file of {} bytes", entry.size));
         }
-        if runs_privileged(path) {
-            let actual = crate::bundle::sha256_file(&file).map_err(|e| e.to_string())?;
-            if actual != entry.sha256 {
-                return Err(format!("{path}: sha256 {actual}, the manifest says {}", entry.sha256));
-            }
-        }
     }
+    let privileged: Vec<(&String, &FileEntry)> = manifest.files.iter().filter(|(p, _)| runs_privileged(p)).collect();
+    verify_digests(bundle, &privileged)?;
     for (path, target) in &manifest.links {
         match std::fs::read_link(bundle.join(path)) {
             Ok(actual) if actual == Path::new(target) => {}
@@ -53,6 +49,30 @@ pub fn cached(bundle: &Path) -> Result<Manifest, String> {
         }
     }
     Ok(manifest)
+}
+
+/// Hash `files` on a few threads (a driver's modules, firmware and tools are 50–150 MB); the
+/// first mismatch is the error.
+fn verify_digests(bundle: &Path, files: &[(&String, &FileEntry)]) -> Result<(), String> {
+    let next = AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4).min(files.len().max(1));
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| -> Result<(), String> {
+                    while let Some((path, entry)) = files.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        let actual = crate::bundle::sha256_file(&bundle.join(path)).map_err(|e| e.to_string())?;
+                        if actual != entry.sha256 {
+                            next.store(files.len(), Ordering::Relaxed);
+                            return Err(format!("{path}: sha256 {actual}, the manifest says {}", entry.sha256));
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles.into_iter().try_for_each(|h| h.join().unwrap_or_else(|_| Err("hashing failed".to_owned())))
+    })
 }
 
 /// Every entry under `dir` (not following links).

@@ -9,6 +9,7 @@ use tracing::{info, warn};
 
 use crate::node::api::{Report, Reporter};
 use crate::node::devices::{make_device_nodes, node_specs};
+use crate::node::firmware;
 use crate::node::kernel::Kernel;
 use crate::node::lock::HostLock;
 use crate::node::modules::{Loader, ModuleLoad, Planner, plan_loads};
@@ -114,6 +115,7 @@ async fn install_locked(layout: &Layout, request: &InstallRequest, kernel: &dyn 
         ready::remove_marker(layout)?;
     }
     let plan = plan_loads(layout, kernel_release, &staged, &request.modules)?;
+    firmware::prepare(layout, &staged.bundle, &staged.manifest)?;
     let mut loader = Loader { layout, kernel, loaded_now: Vec::new() };
     let mut nodes_made = Vec::new();
     let ready = loader.load_all(&plan).and_then(|()| {
@@ -163,6 +165,8 @@ fn refuse_other_loaded(layout: &Layout, staged: &Staged, wanted: &str) -> Result
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub staged: Staged,
+    /// Making the bundle's GPU firmware findable, before the modules load.
+    pub firmware: firmware::Step,
     pub modules: Vec<ModuleLoad>,
     /// `mknod` operations, described: the major comes from `/proc/devices` once the module loaded.
     pub device_nodes: Vec<String>,
@@ -183,6 +187,7 @@ pub async fn dry_run(layout: &Layout, request: &InstallRequest) -> Result<Plan> 
     // dependency is listed as the node will resolve it rather than failing the plan.
     planner.unresolved_in_tree_ok = true;
     let modules = planner.plan(&request.modules)?;
+    let firmware = firmware::plan(layout, &staged.bundle, &staged.manifest)?;
     let dev = layout.host("/dev");
     let device_nodes = node_specs(&request.modules)
         .into_iter()
@@ -195,7 +200,7 @@ pub async fn dry_run(layout: &Layout, request: &InstallRequest) -> Result<Plan> 
         })
         .collect();
     let smi = (in_host(layout, &staged.bundle.join("bin/nvidia-smi")), in_host(layout, &staged.bundle.join("lib")));
-    Ok(Plan { staged, modules, device_nodes, smi, marker: layout.ready() })
+    Ok(Plan { staged, firmware, modules, device_nodes, smi, marker: layout.ready() })
 }
 
 impl std::fmt::Display for Plan {
@@ -205,6 +210,9 @@ impl std::fmt::Display for Plan {
             step += 1;
             writeln!(f, "{step:>3}. {text}")
         };
+        if self.firmware != firmware::Step::None {
+            line(f, self.firmware.to_string())?;
+        }
         for module in &self.modules {
             let from = if module.in_tree { "the kernel's own modules" } else { "the bundle" };
             if module.loaded {

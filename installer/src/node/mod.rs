@@ -9,6 +9,7 @@
 pub mod api;
 pub mod cache;
 pub mod devices;
+pub mod firmware;
 pub mod gc;
 pub mod install;
 pub mod kernel;

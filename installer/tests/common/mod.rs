@@ -133,6 +133,14 @@ pub fn real_userspace() -> PathBuf {
     dir
 }
 
+/// Debian's GSP firmware (firmware-nvidia-gsp), unpacked by scripts/test-deps: a firmware root
+/// holding `nvidia/<version>/gsp_*.bin`.
+pub fn real_firmware() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/nvidia-firmware");
+    assert!(dir.join(format!("nvidia/{DRIVER}")).is_dir(), "{} missing: run scripts/test-deps", dir.display());
+    dir
+}
+
 /// The newest 6.12 cloud kernel headers under /usr/src.
 pub fn cloud_612_headers() -> Option<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/src")
@@ -165,6 +173,8 @@ pub fn compile_real(headers: &Path, patches: Option<&Path>, out: &Path) -> std::
         .arg(headers)
         .arg("--userspace")
         .arg(real_userspace())
+        .arg("--firmware")
+        .arg(real_firmware())
         .arg("--output")
         .arg(out);
     if let Some(patches) = patches {
