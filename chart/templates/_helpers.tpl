@@ -55,6 +55,25 @@ app.kubernetes.io/part-of: nvidia-installer
 {{/*
 Mode: "compiler" (allowCompilation + forceCompile) or "installer".
 */}}
+{{/*
+What a release cannot work without, checked when it renders rather than found in a crash loop:
+the installer instance needs the driver version and a bucket; the compiler instance a bucket to
+publish to.
+*/}}
+{{- define "nvidia-installer.required" -}}
+{{- $bucket := or .Values.driverBucketSecret .Values.nvidiaInstaller.bucket }}
+{{- if eq (include "nvidia-installer.mode" .) "installer" }}
+{{- if not .Values.nvidiaInstaller.driverVersion }}
+{{- fail "nvidiaInstaller.driverVersion is required: the NVIDIA driver version the nodes install (e.g. \"535.261.03\"), published in the bucket by the compiler instance" }}
+{{- end }}
+{{- if not $bucket }}
+{{- fail "driverBucketSecret is required: the Secret with accessKeyId, secretAccessKey and bucket (optional region, endpoint) the driver is staged from (or set nvidiaInstaller.bucket for role-based credentials)" }}
+{{- end }}
+{{- else if and .Values.compiler.publish (not $bucket) }}
+{{- fail "driverBucketSecret is required: the Secret with accessKeyId, secretAccessKey and bucket the compiler instance publishes to (or set nvidiaInstaller.bucket for role-based credentials)" }}
+{{- end }}
+{{- end }}
+
 {{- define "nvidia-installer.mode" -}}
 {{- if and .Values.forceCompile (not .Values.allowCompilation) }}
 {{- fail "forceCompile: true compiles on the compiler instance and needs allowCompilation: true as well" }}

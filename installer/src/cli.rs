@@ -59,6 +59,7 @@ pub struct DriverSourceArgs {
     #[arg(long, env = "NVIDIA_DRIVER_SOURCE")]
     pub driver_source: Option<String>,
     /// sha256 the source must have (without it a download is not verified; a warning says so).
+    /// Downloads trust the system's CA certificates (SSL_CERT_FILE / SSL_CERT_DIR to change them).
     #[arg(long, env = "NVIDIA_DRIVER_SHA256")]
     pub driver_sha256: Option<String>,
     /// Directory with bin/ and lib/ (default: the .run's own files).
@@ -77,6 +78,9 @@ pub struct DriverSourceArgs {
     /// .run (e.g. Debian's firmware-nvidia-gsp): the files' directory, or a root with nvidia/<version>/.
     #[arg(long, env = "NVIDIA_DRIVER_FIRMWARE")]
     pub firmware: Option<PathBuf>,
+    /// Allow an http:// driver source (refused by default: only https://).
+    #[arg(long, env = "NVIDIA_DRIVER_ALLOW_HTTP")]
+    pub allow_http: bool,
 }
 
 #[derive(Debug, Clone, Args)]

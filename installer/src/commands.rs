@@ -7,6 +7,7 @@ use std::time::Duration;
 use nvidia_contract::NameKind;
 use nvidia_contract::layout::Layout;
 use nvidia_contract::names;
+use tracing::info;
 
 use crate::bundle::archive::Limits;
 use crate::bundle::manifest::ArchiveEntry;
@@ -120,8 +121,13 @@ pub async fn publish(args: &PublishArgs) -> Result<()> {
     let bucket = Bucket::connect(&args.s3.options()).await?;
     let published =
         publish::publish(&bucket, &args.bundle, &args.gardenlinux_version, args.force, &args.s3.transfer()).await?;
-    println!("published s3://{}/{} and {}", bucket.name, published.archive_key, published.manifest_key);
+    report_published(&bucket, &published);
     Ok(())
+}
+
+fn report_published(bucket: &Bucket, published: &publish::Published) {
+    let verb = if published.unchanged { "already published, unchanged:" } else { "published" };
+    println!("{verb} s3://{}/{} and {}", bucket.name, published.archive_key, published.manifest_key);
 }
 
 pub fn compile(args: &CompileArgs) -> Result<()> {
@@ -153,6 +159,15 @@ pub async fn modulus(args: &ModulusArgs) -> Result<()> {
     } else {
         None
     };
+    if let Some((gardenlinux, bucket)) = &publish_to
+        && !args.force
+        && let Some(published) = already_published(&request, gardenlinux, &args.endpoint.options(bucket)).await?
+    {
+        // A restarted compiler pod finds its work done: no build, no publish.
+        info!(key = %published, "the bundle is already published; nothing to build");
+        println!("already published s3://{bucket}/{published}; nothing to build");
+        return stay_if_asked(args.stay).await;
+    }
     let pipes = Pipes::new(&args.cmd_dir);
     let (dev_wait, timeout) = (args.dev_wait, args.timeout);
     let sent = request.clone();
@@ -171,13 +186,40 @@ pub async fn modulus(args: &ModulusArgs) -> Result<()> {
         let bucket = Bucket::connect(&args.endpoint.options(&bucket)).await?;
         let published =
             publish::publish(&bucket, &request.output, &gardenlinux, args.force, &Default::default()).await?;
-        println!("published s3://{}/{} and {}", bucket.name, published.archive_key, published.manifest_key);
+        report_published(&bucket, &published);
     }
-    if args.stay {
-        tracing::info!("done; staying idle (the compiler node pool can be scaled down)");
+    stay_if_asked(args.stay).await
+}
+
+async fn stay_if_asked(stay: bool) -> Result<()> {
+    if stay {
+        info!("done; staying idle (the compiler node pool can be scaled down)");
         std::future::pending::<()>().await;
     }
     Ok(())
+}
+
+/// The manifest key of the bundle `request` would publish, when the bucket has it already; `None`
+/// when it has not, or when what the dev container builds is not known here (no driver version
+/// given; headers named without their kernel release).
+async fn already_published(
+    request: &CompileRequest,
+    gardenlinux: &str,
+    options: &crate::s3::S3Options,
+) -> Result<Option<String>> {
+    let Some(driver) = &request.driver_version else { return Ok(None) };
+    let kernel = match (&request.kernel_release, &request.kernel_headers) {
+        (Some(kernel), _) => kernel.clone(),
+        (None, None) => match std::fs::read_to_string("/proc/sys/kernel/osrelease") {
+            Ok(text) => text.trim().to_owned(),
+            Err(_) => return Ok(None),
+        },
+        (None, Some(_)) => return Ok(None),
+    };
+    let keys = nvidia_contract::BundleKeys::new(gardenlinux, &kernel, driver)?;
+    let bucket = Bucket::connect(options).await?;
+    let found = crate::s3::head(&bucket.client, &bucket.name, &keys.manifest, &Default::default()).await?;
+    Ok(found.map(|_| keys.manifest))
 }
 
 /// The stage request the flags describe: the Garden Linux version from the host's
@@ -275,6 +317,7 @@ fn from_source(source: &DriverSourceArgs, needed_by: &str) -> Result<CompileRequ
         flavor: source.flavor,
         patches: given(&source.patches),
         firmware: given(&source.firmware),
+        allow_http: source.allow_http,
         output: PathBuf::new(),
         driver_version: None,
         gardenlinux_version: None,

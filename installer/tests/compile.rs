@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use integration_tests::s3::S3Server;
+use integration_tests::s3::{Method, S3Server};
 
 fn bin() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_nvidia-installer"));
@@ -402,4 +402,109 @@ fn a_run_installer_is_extracted_and_auto_picks_the_flavor_by_branch() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("sha256 mismatch") && stderr.contains(".run"), "{stderr}");
+}
+
+/// The compiler instance as the seed's values run it, twice against the same bucket (a restarted
+/// pod): the first run builds and publishes, the second finds the bundle and builds nothing.
+/// Publishing the very same bundle again is a no-op, not an error.
+#[tokio::test]
+async fn a_restarted_compiler_instance_builds_once() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let dir = tempfile::tempdir().expect("dir");
+    let (cmd, out) = (dir.path().join("cmd"), dir.path().join("out"));
+    std::fs::create_dir_all(&cmd).expect("cmd");
+    std::fs::create_dir_all(&out).expect("out");
+    let builds = dir.path().join("builds");
+    let sources = fake_sources(dir.path(), &format!("{MAKE_MODULES}; echo build >> {}", builds.display()));
+    let headers = fake_headers(dir.path());
+    let user = userspace(dir.path());
+    let run = || {
+        let _dev = Killed(dev_serve(&cmd, &dir.path().join("work")));
+        let extra = [
+            "--userspace",
+            user.to_str().expect("utf8"),
+            "--gardenlinux-version",
+            GARDENLINUX,
+            "--driver-version",
+            DRIVER,
+            "--kernel-release",
+            KERNEL,
+            "--publish",
+            "--bucket",
+            BUCKET,
+            "--dev-wait",
+            "20s",
+        ];
+        modulus(&cmd, &out, &sources, &headers, &extra).envs(server.env()).output().expect("modulus")
+    };
+    let first = run();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(String::from_utf8_lossy(&first.stdout).contains("published s3://"));
+    let second = run();
+    assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
+    assert!(String::from_utf8_lossy(&second.stdout).contains("already published"), "{second:?}");
+    assert_eq!(std::fs::read_to_string(&builds).expect("builds").lines().count(), 1, "one build for two runs");
+
+    // The same bundle published again by hand: done already, nothing written.
+    let puts = server.log().matching(&Method::PUT, "").len();
+    let again = bin()
+        .args(["publish", "--gardenlinux-version", GARDENLINUX, "--bundle"])
+        .arg(out.join("nvidia-bundle.tar.zst"))
+        .env("NVIDIA_INSTALLER_BUCKET", BUCKET)
+        .envs(server.env())
+        .output()
+        .expect("publish");
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(String::from_utf8_lossy(&again.stdout).contains("already published, unchanged"));
+    assert_eq!(server.log().matching(&Method::PUT, "").len(), puts, "nothing written");
+}
+
+/// A `.run` fetched over HTTPS (a presigned URL of the loopback S3 server, trusted through
+/// SSL_CERT_FILE as any system CA would be), its digest taken as it arrives; plain http refused.
+#[tokio::test]
+async fn a_run_installer_is_downloaded_over_https_and_checked() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let dir = tempfile::tempdir().expect("dir");
+    let run = fake_run(dir.path(), DRIVER);
+    let sha = nvidia_installer::bundle::sha256_file(&run).expect("sha");
+    server.put_file(BUCKET, "nvidia/NVIDIA-Linux-x86_64-535.261.03.run", &run);
+    let client = integration_tests::s3::client(&server);
+    let presigned = client
+        .get_object()
+        .bucket(BUCKET)
+        .key("nvidia/NVIDIA-Linux-x86_64-535.261.03.run")
+        .presigned(
+            aws_sdk_s3::presigning::PresigningConfig::expires_in(std::time::Duration::from_secs(600)).expect("presign"),
+        )
+        .await
+        .expect("presigned")
+        .uri()
+        .to_owned();
+    let headers = fake_headers(dir.path());
+    let out = dir.path().join("bundle.tar.zst");
+    let compile = |source: &str, sha: &str| {
+        bin()
+            .args(["compile", "--driver-source", source, "--driver-sha256", sha, "--flavor", "open"])
+            .arg("--kernel-headers")
+            .arg(&headers)
+            .arg("--output")
+            .arg(&out)
+            .env("SSL_CERT_FILE", server.ca_file())
+            .output()
+            .expect("compile")
+    };
+    let output = compile(&presigned, &sha);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("driver source downloaded"), "{stderr}");
+    assert_eq!(nvidia_installer::bundle::pack::read_inner_manifest(&out).expect("bundle").driver_version, DRIVER);
+
+    let output = compile(&presigned, &"0".repeat(64));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("sha256 mismatch"), "{output:?}");
+    let plain = presigned.replacen("https://", "http://", 1);
+    let output = compile(&plain, &sha);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("plain http:// is refused"), "{stderr}");
 }

@@ -324,6 +324,7 @@ async fn allow_compilation_builds_here_when_the_bucket_has_no_bundle() {
         flavor: nvidia_installer::compiler::compile::Flavor::Auto,
         patches: None,
         firmware: None,
+        allow_http: false,
         output: layout.root().join("compile/bundle.tar.zst"),
         driver_version: Some(DRIVER.into()),
         gardenlinux_version: Some(GARDENLINUX.into()),

@@ -30,9 +30,17 @@ async fn publishes_manifest_last_and_refuses_to_overwrite() {
     );
     assert!(puts.last().expect("puts").path.ends_with(".manifest.json"), "manifest last: {puts:?}");
 
-    let error = publish(&client, &out, GARDENLINUX, false, &Transfer::default()).await.expect_err("overwrite");
-    assert!(error.to_string().contains("already exists") && error.to_string().contains("--force"), "{error}");
-    publish(&client, &out, GARDENLINUX, true, &Transfer::default()).await.expect("forced");
+    // The very same bundle again is a no-op; another bundle under the same keys is refused.
+    let again = publish(&client, &out, GARDENLINUX, false, &Transfer::default()).await.expect("same bundle");
+    assert!(again.unchanged);
+    let other_dir = work.path().join("other");
+    let other = driver_dir(&other_dir, KERNEL, DRIVER, 1 << 20);
+    let other_out = work.path().join("other.tar.zst");
+    pack_bundle(&other, KERNEL, DRIVER, &other_out);
+    let error = publish(&client, &other_out, GARDENLINUX, false, &Transfer::default()).await.expect_err("overwrite");
+    assert!(error.to_string().contains("describes another bundle") && error.to_string().contains("--force"), "{error}");
+    let forced = publish(&client, &other_out, GARDENLINUX, true, &Transfer::default()).await.expect("forced");
+    assert!(!forced.unchanged);
 }
 
 #[tokio::test]
@@ -81,10 +89,46 @@ async fn a_refused_forced_publish_leaves_the_bucket_as_it_was() {
     let manifest = nvidia_installer::bundle::pack::describe(&dir, &info).expect("describe");
     let out = other.join("bundle.tar.zst");
     nvidia_installer::bundle::pack::pack(&dir, &manifest, &out, 3).expect("pack");
-    let requests = server.log().entries().len();
     let bucket = nvidia_installer::s3::Bucket::connect(&options(&server)).await.expect("bucket");
+    let requests = server.log().entries().len();
     let error = publish(&bucket, &out, GARDENLINUX, true, &Transfer::default()).await.expect_err("refused");
     assert!(error.to_string().contains("packed for Garden Linux 1592.9, not 1877.3"), "{error}");
     assert_eq!(server.log().entries().len(), requests, "the bucket was not asked anything");
     assert_eq!((server.get_object(BUCKET, &keys.manifest), server.get_object(BUCKET, &keys.archive)), before);
+}
+
+#[tokio::test]
+async fn a_bundle_that_would_not_stage_is_not_published_even_with_force() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let work = tempfile::tempdir().expect("work");
+    publish_bundle(&server, work.path(), KERNEL, DRIVER, 256 << 10).await;
+    let keys = BundleKeys::new(GARDENLINUX, KERNEL, DRIVER).expect("valid names");
+    let before = server.get_object(BUCKET, &keys.manifest);
+
+    // Its manifest lists a digest its nvidia-smi does not have.
+    let dir = driver_dir(&work.path().join("bad"), KERNEL, DRIVER, 256 << 10);
+    let info = nvidia_installer::bundle::pack::BundleInfo {
+        driver_version: DRIVER.to_owned(),
+        kernel_release: KERNEL.to_owned(),
+        flavor: "open".to_owned(),
+        gardenlinux_version: Some(GARDENLINUX.to_owned()),
+    };
+    let mut manifest = nvidia_installer::bundle::pack::describe(&dir, &info).expect("describe");
+    manifest.files.get_mut("bin/nvidia-smi").expect("smi").sha256 = "0".repeat(64);
+    let out = work.path().join("bad.tar.zst");
+    nvidia_installer::bundle::pack::pack(&dir, &manifest, &out, 3).expect("pack");
+
+    let bucket = nvidia_installer::s3::Bucket::connect(&options(&server)).await.expect("bucket");
+    let requests = server.log().entries().len();
+    let error = publish(&bucket, &out, GARDENLINUX, true, &Transfer::default()).await.expect_err("refused");
+    assert!(error.to_string().contains("bin/nvidia-smi") && error.to_string().contains("sha256 mismatch"), "{error}");
+    assert_eq!(server.log().entries().len(), requests, "the bucket was not asked anything");
+    assert_eq!(server.get_object(BUCKET, &keys.manifest), before, "the live bundle stays");
+    let scratch: Vec<_> = std::fs::read_dir(work.path())
+        .expect("work")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".verify-"))
+        .collect();
+    assert!(scratch.is_empty(), "the scratch directory is gone");
 }

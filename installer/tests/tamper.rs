@@ -53,6 +53,24 @@ async fn a_modified_or_added_file_in_the_cache_is_staged_again_from_the_bucket()
     assert!(again.downloaded_from.is_some(), "an added library must not be a cache hit");
     assert!(!bundle.join("lib/libc.so.6").exists(), "the planted file is gone");
 
+    // `lib/` replaced by a link to a copy of it with a library planted beside the real ones: every
+    // listed file is still found, by path, with its digest; the link is what gives it away.
+    let planted = host_dir.path().join("planted");
+    std::fs::create_dir_all(&planted).expect("planted");
+    for entry in std::fs::read_dir(bundle.join("lib")).expect("lib").flatten() {
+        let to = planted.join(entry.file_name());
+        match std::fs::read_link(entry.path()) {
+            Ok(target) => std::os::unix::fs::symlink(target, to).expect("link"),
+            Err(_) => std::fs::copy(entry.path(), to).map(|_| ()).expect("copy"),
+        }
+    }
+    std::fs::write(planted.join("libc.so.6"), b"not libc").expect("plant");
+    std::fs::rename(bundle.join("lib"), host_dir.path().join("lib-moved")).expect("move lib");
+    std::os::unix::fs::symlink(&planted, bundle.join("lib")).expect("link lib");
+    let again = stage(&layout, &request(&server, KERNEL, DRIVER)).await.expect("stage again");
+    assert!(again.downloaded_from.is_some(), "a directory replaced by a link must not be a cache hit");
+    assert!(bundle.join("lib").symlink_metadata().expect("lib").is_dir(), "a real lib/ is back");
+
     // Untouched, it is a cache hit without a request.
     let gets = server.log().entries().len();
     let hit = stage(&layout, &request(&server, KERNEL, DRIVER)).await.expect("cache hit");

@@ -27,7 +27,10 @@ P = "nvidia-installer.gardenlinux.io"
 CHART = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())
 
 # Values files under test: the chart's defaults, the original system's two values files, and variants.
-CASES: dict[str, list[Path]] = {"defaults": []}
+# "defaults": the chart's defaults plus what every release must set (the chart refuses to render
+# without it: test_a_release_without_driver_or_bucket_does_not_render).
+REQUIRED = Path(__file__).resolve().parent / "required-values.yaml"
+CASES: dict[str, list[Path]] = {"defaults": [REQUIRED]}
 CASES.update({path.stem: [path] for path in sorted((CHART_DIR / "ci").glob("*.yaml"))})
 SEED_COMPILER = "seed-compiler-values"
 SEED_INSTALLER = "seed-installer-values"
@@ -510,7 +513,8 @@ def test_webhook_deployment_is_highly_available_and_secure(case: str) -> None:
     ("20000000us", "0s", 20), ("1h1m1s", "1ms", 3661.001),
 ])
 def test_webhook_grace_period_outlasts_the_drain(delay: str, drain: str, least: float) -> None:
-    templates = render.render_templates({"webhook": {"shutdownDelay": delay, "drainTimeout": drain}})
+    values = yaml.safe_load(REQUIRED.read_text()) | {"webhook": {"shutdownDelay": delay, "drainTimeout": drain}}
+    templates = render.render_templates(values)
     pod = one(render.objects(templates), "Deployment", "webhook")["spec"]["template"]["spec"]
     assert seconds(delay) + seconds(drain) == pytest.approx(least)
     # The drain, rounded up to whole seconds, and 5 s for the process to exit.
@@ -807,9 +811,21 @@ def test_notes_tell_the_user_what_to_do() -> None:
     text = _render_case("defaults", render.NAMESPACE)[1]
     assert f"kubectl label namespace <namespace> {P}/inject=enabled" in text
     assert f"kubectl get nodes -L {P}/driver-ready -L {P}/driver-version" in text
-    assert "driverVersion is not set" in text
     seed = _render_case(SEED_INSTALLER, render.NAMESPACE)[1]
     assert "WARNING" not in seed
+
+
+@pytest.mark.parametrize("values,message", [
+    ({}, "nvidiaInstaller.driverVersion is required"),
+    ({"driverBucketSecret": "s"}, "nvidiaInstaller.driverVersion is required"),
+    ({"nvidiaInstaller": {"driverVersion": "535.261.03"}}, "driverBucketSecret is required"),
+    ({"allowCompilation": True, "forceCompile": True, "nvidiaInstaller": {"driverVersion": "535.261.03"}},
+     "driverBucketSecret is required: the Secret with accessKeyId, secretAccessKey and bucket the compiler"),
+])
+def test_a_release_without_driver_or_bucket_does_not_render(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(Exception) as failure:
+        render.objects(render.render_templates(values))
+    assert message in str(failure.value)
 
 
 def test_render_cli_prints_the_objects() -> None:

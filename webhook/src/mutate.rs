@@ -205,6 +205,9 @@ pub fn mutate_view(pod: &PodView, config: &InjectConfig) -> crate::Result<Mutati
         to_json(&record).to_string(),
     );
     append_all(&mut head, &["spec", "volumes"], spec.volumes.is_some(), volumes);
+    if let Some(version) = pin {
+        pin_to_nodes(&mut head, spec, version, &mut warnings);
+    }
     ops.splice(0..0, head);
     let mut wait = templates.wait[usize::from(is_guaranteed(spec))].clone();
     if pin.is_some() {
@@ -217,6 +220,22 @@ pub fn mutate_view(pod: &PodView, config: &InjectConfig) -> crate::Result<Mutati
     }
 
     Ok(Mutation { outcome: Outcome::Injected { mounted }, patch: Patch(ops), warnings })
+}
+
+/// A pod that pins a driver version is scheduled only onto nodes whose installer labelled them
+/// with that version (`driver-version=<v>`): a node selector, which the scheduler ANDs with the
+/// pod's own selector and affinity. A selector the pod already has for that label is left alone
+/// (with a warning when it names another version: the pod could then never start).
+fn pin_to_nodes(ops: &mut Vec<PatchOperation>, spec: &SpecView, version: &str, warnings: &mut Vec<String>) {
+    let label = contract::DRIVER_VERSION_LABEL;
+    match spec.node_selector.as_ref().and_then(|s| s.get(label)) {
+        Some(selected) if selected == version => {}
+        Some(selected) => warnings.push(format!(
+            "nvidia-installer: the pod selects nodes with {label}={selected} but pins driver {version}; it was left as it is and will wait for {version}"
+        )),
+        None if spec.node_selector.is_some() => ops.push(add(&["spec", "nodeSelector", label], json!(version))),
+        None => ops.push(add(&["spec", "nodeSelector"], json!({ label: version }))),
+    }
 }
 
 /// A mount of a volume the webhook is about to add would get the host's driver directory, and

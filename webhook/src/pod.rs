@@ -46,6 +46,8 @@ pub struct SpecView {
     /// Read for their volume mounts only (a pod is created without them; checked all the same).
     #[serde(default)]
     pub ephemeral_containers: Option<Vec<ContainerView>>,
+    #[serde(default)]
+    pub node_selector: Option<BTreeMap<String, String>>,
 }
 
 /// Anything identified by its name (a volume).
@@ -215,6 +217,7 @@ impl From<&Pod> for PodView {
                 containers: spec.containers.iter().map(ContainerView::from).collect(),
                 init_containers: spec.init_containers.as_ref().map(|c| c.iter().map(ContainerView::from).collect()),
                 volumes: spec.volumes.as_ref().map(|v| v.iter().map(|v| Named { name: v.name.clone() }).collect()),
+                node_selector: spec.node_selector.clone(),
                 ephemeral_containers: spec.ephemeral_containers.as_ref().map(|list| {
                     list.iter()
                         .map(|e| {

@@ -50,7 +50,7 @@ pub fn nanos(text: &str) -> Option<i128> {
         value = value.checked_mul(10i128.checked_pow(u32::try_from(exponent10).ok()?)?)?;
     } else {
         let divisor = 10i128.checked_pow(u32::try_from(-exponent10).ok()?)?;
-        value = (value + divisor - 1) / divisor;
+        value = value.checked_add(divisor - 1)? / divisor;
     }
     Some(if negative { -value } else { value })
 }
@@ -88,9 +88,18 @@ mod tests {
 
     #[test]
     fn what_is_not_a_quantity_does_not_parse_or_panic() {
-        for text in
-            ["", "abc", "1x", "1e", "..", "1.2.3", "-", "1e999999999999", "99999999999999999999999999999999999999Ei"]
-        {
+        for text in [
+            "",
+            "abc",
+            "1x",
+            "1e",
+            "..",
+            "1.2.3",
+            "-",
+            "1e999999999999",
+            "99999999999999999999999999999999999999Ei",
+            "1.70141183460469231731687303715884105727",
+        ] {
             assert_eq!(nanos(text), None, "{text}");
         }
         assert_eq!(nanos("1n"), Some(1));

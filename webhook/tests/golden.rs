@@ -208,6 +208,10 @@ async fn decisions_per_case() {
     let pinned = get("pinned-version").patched.clone().expect("patched");
     let args = pinned["spec"]["initContainers"][0]["args"].to_string();
     assert!(args.contains("\"--driver-version\",\"535.261.03\""), "{args}");
+    assert_eq!(
+        pinned["spec"]["nodeSelector"]["nvidia-installer.gardenlinux.io/driver-version"], "535.261.03",
+        "a pinned pod goes only to nodes with that driver"
+    );
 }
 
 #[tokio::test]

@@ -143,6 +143,9 @@ fn without_injection(pod: &Value) -> Value {
     if let Some(i) = pod.pointer_mut("/spec/initContainers").and_then(Value::as_array_mut) {
         i.retain(|c| c["name"] != "nvidia-driver-wait");
     }
+    if let Some(s) = pod.pointer_mut("/spec/nodeSelector").and_then(Value::as_object_mut) {
+        s.remove("nvidia-installer.gardenlinux.io/driver-version");
+    }
     for list in ["containers", "initContainers"] {
         for c in pod.pointer_mut(&format!("/spec/{list}")).and_then(Value::as_array_mut).into_iter().flatten() {
             if let Some(m) = c.get_mut("volumeMounts").and_then(Value::as_array_mut) {
@@ -167,7 +170,7 @@ fn without_injection(pod: &Value) -> Value {
 fn normalize(pod: &Value) -> Value {
     // Compare after removing empty arrays/objects the patch may have created.
     let mut pod = without_injection(pod);
-    for pointer in ["/metadata/annotations", "/spec/volumes", "/spec/initContainers"] {
+    for pointer in ["/metadata/annotations", "/spec/volumes", "/spec/initContainers", "/spec/nodeSelector"] {
         remove_if_empty(&mut pod, pointer);
     }
     for list in ["containers", "initContainers"] {
@@ -234,6 +237,11 @@ proptest! {
         }
         if let Outcome::Injected { mounted } = &mutation.outcome {
             let spec = typed.spec.as_ref().expect("spec");
+            // A pinned pod is scheduled only where that driver version is installed.
+            if let Some(pin) = raw.pointer("/metadata/annotations/nvidia-installer.gardenlinux.io~1driver-version").and_then(Value::as_str) {
+                let selected = spec.node_selector.as_ref().and_then(|s| s.get("nvidia-installer.gardenlinux.io/driver-version"));
+                prop_assert_eq!(selected.map(String::as_str), Some(pin));
+            }
             let init = spec.init_containers.as_ref().expect("init containers");
             prop_assert_eq!(&init[0].name, "nvidia-driver-wait");
             for c in spec.containers.iter().chain(init.iter().skip(1)) {

@@ -48,6 +48,9 @@ pub struct CompileRequest {
     /// firmware root holding `nvidia/<version>/`. Default: the `.run`'s own `firmware/`.
     #[serde(default)]
     pub firmware: Option<PathBuf>,
+    /// Download an `http://` driver source (unencrypted, unauthenticated: only with a digest).
+    #[serde(default)]
+    pub allow_http: bool,
     pub output: PathBuf,
     /// Default: read from the sources.
     pub driver_version: Option<String>,
@@ -163,36 +166,24 @@ pub fn compile(request: &CompileRequest, work: &Path) -> Result<Compiled> {
 /// A local path to the source, downloaded and checked when it is a URL.
 fn fetch(request: &CompileRequest, work: &Path) -> Result<PathBuf> {
     let source = &request.driver_source;
-    let path = if source.starts_with("http://") || source.starts_with("https://") {
+    let (path, downloaded) = if source.starts_with("http://") || source.starts_with("https://") {
         if request.driver_sha256.is_none() {
             warn!(url = %source, "no --driver-sha256: the download is not verified; set it to pin the exact installer");
         }
-        let name = source.rsplit('/').next().filter(|n| !n.is_empty()).unwrap_or("driver-source");
-        let target = work.join(name);
-        info!(url = %source, "downloading the driver source");
-        let output = Command::new("curl").args(["-fsSL", "--retry", "3", "-o"]).arg(&target).arg(source).output();
-        match output {
-            Ok(out) if out.status.success() => target,
-            Ok(out) => {
-                return Err(Error::DriverSource {
-                    source_name: source.clone(),
-                    reason: format!("downloading: {}", String::from_utf8_lossy(&out.stderr).trim()),
-                });
-            }
-            Err(e) => {
-                return Err(Error::DriverSource {
-                    source_name: source.clone(),
-                    reason: format!("downloading: cannot run curl: {e}"),
-                });
-            }
-        }
+        let name = source.rsplit('/').next().and_then(|n| n.split('?').next()).filter(|n| !n.is_empty());
+        let target = work.join(name.unwrap_or("driver-source"));
+        let sha256 = crate::compiler::download::download(source, &target, request.allow_http)?;
+        (target, Some(sha256))
     } else {
-        PathBuf::from(source)
+        (PathBuf::from(source), None)
     };
     if let Some(expected) = &request.driver_sha256
         && path.is_file()
     {
-        let actual = sha256_file(&path)?;
+        let actual = match downloaded {
+            Some(sha256) => sha256,
+            None => sha256_file(&path)?,
+        };
         if !actual.eq_ignore_ascii_case(expected) {
             return Err(Error::Checksum { what: path.display().to_string(), expected: expected.clone(), actual });
         }

@@ -18,12 +18,16 @@ use crate::{Error, Result};
 /// Objects above this size are uploaded in parts.
 pub const MULTIPART_THRESHOLD: u64 = 32 << 20;
 const PART_SIZE: u64 = 16 << 20;
+/// The largest manifest read back from the bucket.
+const MAX_MANIFEST_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, Clone)]
 pub struct Published {
     pub archive_key: String,
     pub manifest_key: String,
     pub manifest: Manifest,
+    /// The same bundle was already published: nothing was written.
+    pub unchanged: bool,
 }
 
 /// Publish `bundle` (a `tar.zst` made by `pack`) for Garden Linux `gardenlinux`.
@@ -39,7 +43,8 @@ pub async fn publish(
     transfer: &Transfer,
 ) -> Result<Published> {
     let (client, bucket) = (&bucket.client, bucket.name.as_str());
-    let inner = crate::bundle::pack::read_inner_manifest(bundle)?;
+    // The archive as a node will check it: every entry, every digest, before the bucket changes.
+    let inner = crate::bundle::verify_packed(bundle)?;
     let keys = BundleKeys::new(gardenlinux, &inner.kernel_release, &inner.driver_version)?;
     nvidia_contract::names::check(nvidia_contract::NameKind::Flavor, &inner.flavor)?;
     if let Some(packed_for) = inner.gardenlinux_version.as_deref().filter(|v| *v != gardenlinux) {
@@ -49,9 +54,36 @@ pub async fn publish(
         });
     }
     let (sha256, size) = digest(bundle)?;
-    for key in [&keys.manifest, &keys.archive] {
-        if !force && s3::head(client, bucket, key, transfer).await?.is_some() {
-            return Err(Error::s3("PUT", bucket, key, "already exists; pass --force to replace it".to_owned()));
+    // The copy beside the archive is the archive's own manifest plus the archive's digest.
+    let manifest = Manifest { archive: Some(crate::bundle::manifest::ArchiveEntry { sha256, size }), ..inner.clone() };
+    if !force {
+        // The same bundle again (a restarted compiler pod) is done already; another one is refused.
+        if let Some(bytes) = s3::get_small(client, bucket, &keys.manifest, MAX_MANIFEST_BYTES, transfer).await? {
+            let published = Manifest::parse(&bytes, &format!("s3://{bucket}/{}", keys.manifest)).ok();
+            let archive = s3::head(client, bucket, &keys.archive, transfer).await?;
+            if published.as_ref() == Some(&manifest) && archive.is_some_and(|(bytes, _)| bytes == size) {
+                info!(bucket, key = %keys.archive, "this very bundle is already published; nothing to do");
+                return Ok(Published {
+                    archive_key: keys.archive,
+                    manifest_key: keys.manifest,
+                    manifest,
+                    unchanged: true,
+                });
+            }
+            return Err(Error::s3(
+                "PUT",
+                bucket,
+                &keys.manifest,
+                "already exists and describes another bundle; pass --force to replace it".to_owned(),
+            ));
+        }
+        if s3::head(client, bucket, &keys.archive, transfer).await?.is_some() {
+            return Err(Error::s3(
+                "PUT",
+                bucket,
+                &keys.archive,
+                "already exists; pass --force to replace it".to_owned(),
+            ));
         }
     }
     if force {
@@ -65,8 +97,6 @@ pub async fn publish(
             .await
             .map_err(|e| Error::s3("DELETE", bucket, &keys.manifest, e.to_string()))?;
     }
-    // The copy beside the archive is the archive's own manifest plus the archive's digest.
-    let manifest = Manifest { archive: Some(crate::bundle::manifest::ArchiveEntry { sha256, size }), ..inner.clone() };
     info!(bucket, key = %keys.archive, bytes = size, "uploading the bundle");
     if size > MULTIPART_THRESHOLD {
         upload_multipart(client, bucket, &keys.archive, bundle, size, transfer).await?;
@@ -95,7 +125,7 @@ pub async fn publish(
         .await
         .map_err(|e| Error::s3("PUT", bucket, &keys.manifest, e.to_string()))?;
     info!(bucket, key = %keys.manifest, "manifest published");
-    Ok(Published { archive_key: keys.archive, manifest_key: keys.manifest, manifest })
+    Ok(Published { archive_key: keys.archive, manifest_key: keys.manifest, manifest, unchanged: false })
 }
 
 fn digest(path: &Path) -> Result<(String, u64)> {

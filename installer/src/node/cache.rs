@@ -26,12 +26,26 @@ pub fn cached(bundle: &Path) -> Result<Manifest, String> {
     let manifest = Manifest::read(&bundle.join(manifest::FILE_NAME)).map_err(|e| e.to_string())?;
     let mut listed: BTreeSet<PathBuf> = manifest.files.keys().chain(manifest.links.keys()).map(PathBuf::from).collect();
     listed.insert(PathBuf::from(manifest::FILE_NAME));
+    // Every entry is what the manifest says it is: a listed file, a listed link with its target,
+    // or a real directory on the way to them (a directory replaced by a link would lead the
+    // checks below, which go by path, somewhere else).
     for entry in walk(bundle)? {
         let relative = entry.strip_prefix(bundle).map_err(|e| e.to_string())?;
-        // Staging adds `lib64 -> lib` where the bundle has none (CUDA images look in lib64).
-        let lib64 = relative == Path::new("lib64") && std::fs::read_link(&entry).is_ok_and(|t| t == Path::new("lib"));
-        if !lib64 && !listed.contains(relative) && !listed.iter().any(|l| l.starts_with(relative)) {
-            return Err(format!("{} is not in the manifest", relative.display()));
+        let name = relative.to_string_lossy();
+        let kind = std::fs::symlink_metadata(&entry).map_err(|e| format!("{name}: {e}"))?.file_type();
+        let fits = if kind.is_symlink() {
+            let target = std::fs::read_link(&entry).map_err(|e| format!("{name}: {e}"))?;
+            let wanted = manifest.links.get(name.as_ref()).map(PathBuf::from);
+            // Staging adds `lib64 -> lib` where the bundle has none (CUDA images look in lib64).
+            let staged_lib64 = name == "lib64" && wanted.is_none() && target == Path::new("lib");
+            wanted.is_some_and(|w| w == target) || staged_lib64
+        } else if kind.is_dir() {
+            listed.iter().any(|l| l.starts_with(relative) && l != relative)
+        } else {
+            kind.is_file() && (manifest.files.contains_key(name.as_ref()) || name == manifest::FILE_NAME)
+        };
+        if !fits {
+            return Err(format!("{name} is not what the manifest lists there"));
         }
     }
     for (path, entry) in &manifest.files {
@@ -75,7 +89,7 @@ fn verify_digests(bundle: &Path, files: &[(&String, &FileEntry)]) -> Result<(), 
     })
 }
 
-/// Every entry under `dir` (not following links).
+/// Every entry under `dir` (not following links: a link is listed, never entered).
 fn walk(dir: &Path) -> Result<Vec<PathBuf>, String> {
     let mut found = Vec::new();
     let mut stack = vec![dir.to_owned()];

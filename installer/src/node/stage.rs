@@ -399,33 +399,7 @@ fn verify_and_complete(
                     reason: "the manifest inside the archive differs from the one beside it in the bucket".to_owned(),
                 });
             }
-            let mut files = extracted.files.clone();
-            files.remove(manifest::FILE_NAME);
-            for (path, entry) in &expected.files {
-                let got = files.remove(path).ok_or_else(|| Error::Manifest {
-                    source_name: source.to_owned(),
-                    reason: format!("{path} is listed but not in the archive"),
-                })?;
-                if got.sha256 != entry.sha256 || got.size != entry.size {
-                    return Err(Error::Checksum {
-                        what: format!("{source}: {path}"),
-                        expected: entry.sha256.clone(),
-                        actual: got.sha256,
-                    });
-                }
-            }
-            if let Some(extra) = files.keys().next() {
-                return Err(Error::Manifest {
-                    source_name: source.to_owned(),
-                    reason: format!("{extra} is in the archive but not in the manifest"),
-                });
-            }
-            if extracted.links != expected.links {
-                return Err(Error::Manifest {
-                    source_name: source.to_owned(),
-                    reason: "the archive's links differ from the manifest's".to_owned(),
-                });
-            }
+            bundle::matches_manifest(&extracted, expected, source)?;
             expected.clone()
         }
         None => legacy_manifest(request, staging, extracted, sha256, located.size, source)?,

@@ -84,8 +84,48 @@ impl Bucket {
     }
 }
 
-/// Build an S3 client: static keys when given, else the default chain (IRSA, instance roles…).
+/// The region buckets are assumed to be in until HeadBucket says otherwise.
+const DEFAULT_REGION: &str = "us-east-1";
+
+/// Build an S3 client for `options.bucket`: static keys when given, else the default chain (IRSA,
+/// instance roles…). The bucket's region is found out, not assumed: one HeadBucket, which S3
+/// answers from any region with the bucket's own in `x-amz-bucket-region` (also when it refuses
+/// the request: the original system's read policy allows no ListBucket). With no region
+/// configured the client then uses that region; a configured region that is wrong is followed once,
+/// with a warning naming both.
 pub async fn client(options: &S3Options) -> Result<Client> {
+    let (client, configured) = build_client(options, None).await?;
+    let used = client.config().region().map(|r| r.as_ref().to_owned()).unwrap_or_else(|| DEFAULT_REGION.to_owned());
+    let Some(actual) = bucket_region(&client, &options.bucket).await? else { return Ok(client) };
+    if actual == used {
+        return Ok(client);
+    }
+    if configured {
+        warn!(bucket = %options.bucket, configured = %used, region = %actual, "the bucket is in another region than configured; following it");
+    } else {
+        info!(bucket = %options.bucket, region = %actual, "found the bucket's region");
+    }
+    Ok(build_client(options, Some(&actual)).await?.0)
+}
+
+/// The region S3 names for `bucket` (`x-amz-bucket-region` of a HeadBucket, whatever its status);
+/// `None` when it names none (an S3-compatible store).
+async fn bucket_region(client: &Client, bucket: &str) -> Result<Option<String>> {
+    match client.head_bucket().bucket(bucket).send().await {
+        Ok(out) => Ok(out.bucket_region().map(str::to_owned)),
+        Err(SdkError::ServiceError(service)) => {
+            Ok(service.raw().headers().get("x-amz-bucket-region").map(str::to_owned))
+        }
+        Err(SdkError::ResponseError(response)) => {
+            Ok(response.raw().headers().get("x-amz-bucket-region").map(str::to_owned))
+        }
+        Err(error) => Err(Error::s3("HEAD", bucket, "", describe(&error))),
+    }
+}
+
+/// The client itself, for `region` when given, else for the configured region (or the default);
+/// and whether a region was configured.
+async fn build_client(options: &S3Options, region: Option<&str>) -> Result<(Client, bool)> {
     let mut trust = tls::TrustStore::default();
     if let Some(path) = &options.ca_file {
         let pem = std::fs::read(path).map_err(|e| Error::io("reading the S3 CA file", path, e))?;
@@ -98,8 +138,8 @@ pub async fn client(options: &S3Options) -> Result<Client> {
         .tls_context(context)
         .build_https();
     let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http);
-    if let Some(region) = &options.region {
-        loader = loader.region(Region::new(region.clone()));
+    if let Some(region) = region.or(options.region.as_deref()) {
+        loader = loader.region(Region::new(region.to_owned()));
     }
     if let (Some(id), Some(secret)) = (&options.access_key_id, &options.secret_access_key) {
         loader = loader.credentials_provider(Credentials::new(id, secret, None, None, "nvidia-installer-secret"));
@@ -113,13 +153,14 @@ pub async fn client(options: &S3Options) -> Result<Client> {
                 .read_timeout(Duration::from_secs(30))
                 .build(),
         );
-    if shared.region().is_none() {
-        config = config.region(Region::new("us-east-1"));
+    let configured = shared.region().is_some();
+    if !configured {
+        config = config.region(Region::new(DEFAULT_REGION));
     }
     if let Some(endpoint) = &options.endpoint {
         config = config.endpoint_url(endpoint).force_path_style(true);
     }
-    Ok(Client::from_conf(config.build()))
+    Ok((Client::from_conf(config.build()), configured && region.is_none()))
 }
 
 /// Whether an S3 failure is worth another attempt.
@@ -148,7 +189,11 @@ fn describe<E: ProvideErrorMetadata + std::error::Error + 'static>(
         SdkError::ServiceError(service) => {
             let code = service.err().code().unwrap_or("unknown");
             let message = service.err().message().unwrap_or_default();
-            format!("HTTP {} {code} {message}", service.raw().status().as_u16()).trim().to_owned()
+            let mut text = format!("HTTP {} {code} {message}", service.raw().status().as_u16()).trim().to_owned();
+            if let Some(region) = service.raw().headers().get("x-amz-bucket-region") {
+                text.push_str(&format!(" (the bucket is in region {region})"));
+            }
+            text
         }
         other => {
             let mut text = other.to_string();

@@ -185,6 +185,13 @@ impl S3Server {
         self.state.bandwidth_limit()
     }
 
+    /// Puts `bucket` in `region`, as AWS would have a bucket outside the endpoint's default region:
+    /// requests signed for any other region get `301 PermanentRedirect` with
+    /// `x-amz-bucket-region`, and every answer about the bucket carries that header.
+    pub fn set_bucket_region(&self, bucket: &str, region: &str) {
+        self.state.set_bucket_region(bucket, region);
+    }
+
     /// Caps each connection's response bodies at `limit` bytes per second, from the next response on.
     pub fn set_bandwidth_limit(&self, limit: Option<u64>) {
         self.state.set_bandwidth_limit(limit);

@@ -38,6 +38,9 @@ pub(crate) struct State {
     pub(crate) log: RequestLog,
     /// Bytes per second per connection; 0 is no cap.
     bandwidth_limit: AtomicU64,
+    /// Buckets that live in another region than the server's default, as AWS has them: a request
+    /// signed for another region gets `301 PermanentRedirect` with `x-amz-bucket-region`.
+    bucket_regions: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 impl State {
@@ -51,6 +54,31 @@ impl State {
     pub(crate) fn set_bandwidth_limit(&self, limit: Option<u64>) {
         self.bandwidth_limit.store(limit.unwrap_or(0), Ordering::Relaxed);
     }
+
+    pub(crate) fn set_bucket_region(&self, bucket: &str, region: &str) {
+        if let Ok(mut regions) = self.bucket_regions.lock() {
+            regions.insert(bucket.to_owned(), region.to_owned());
+        }
+    }
+
+    fn bucket_region(&self, bucket: &str) -> Option<String> {
+        self.bucket_regions.lock().ok()?.get(bucket).cloned()
+    }
+}
+
+/// The region a request is signed for: the credential scope's third part, from the
+/// `Authorization` header or a presigned URL's `X-Amz-Credential`.
+fn signed_region(request: &Request<Incoming>) -> Option<String> {
+    let header = request.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let credential = header
+        .and_then(|h| h.split("Credential=").nth(1))
+        .map(|c| c.split([',', ' ']).next().unwrap_or_default().to_owned())
+        .or_else(|| {
+            let query = request.uri().query()?;
+            let value = query.split('&').find_map(|p| p.strip_prefix("X-Amz-Credential="))?;
+            Some(percent_decode_str(value).decode_utf8_lossy().into_owned())
+        })?;
+    credential.split('/').nth(2).map(str::to_owned)
 }
 
 /// One accepted connection: when its writes were last flushed, and its pacing schedule.
@@ -178,6 +206,15 @@ impl Front {
             bandwidth_limit,
         });
 
+        let bucket = path.trim_start_matches('/').split('/').next().unwrap_or_default().to_owned();
+        let region = self.state.bucket_region(&bucket);
+        if let Some(region) = &region
+            && signed_region(&request).as_deref() != Some(region.as_str())
+        {
+            let response = redirect_response(request.method() == hyper::Method::HEAD, region, &bucket);
+            log::lock(&entry).status = Some(response.status().as_u16());
+            return Ok(response.map(|body| ResponseBody::new(body, entry, self.connection, bandwidth_limit, None)));
+        }
         let mut cut_after = None;
         let response = match fault {
             Some(Fault::Reset) => return Err("connection reset by an injected fault".into()),
@@ -191,6 +228,10 @@ impl Front {
             },
             None => self.forward(request, &path).await,
         };
+        let mut response = response;
+        if let Some(region) = region.and_then(|r| hyper::header::HeaderValue::from_str(&r).ok()) {
+            response.headers_mut().insert("x-amz-bucket-region", region);
+        }
         log::lock(&entry).status = Some(response.status().as_u16());
         Ok(response.map(|body| ResponseBody::new(body, entry, self.connection, bandwidth_limit, cut_after)))
     }
@@ -211,6 +252,31 @@ impl hyper::service::Service<Request<Incoming>> for Front {
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         Box::pin(self.clone().serve(request))
     }
+}
+
+/// What S3 answers a request sent to the wrong region: `301 PermanentRedirect` naming the bucket's
+/// region in `x-amz-bucket-region` (a HEAD gets no body).
+fn redirect_response(head: bool, region: &str, bucket: &str) -> Response<Body> {
+    let body = if head {
+        String::new()
+    } else {
+        format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>PermanentRedirect</Code><Message>The bucket you are \
+             attempting to access must be addressed using the specified endpoint. Please send all future requests to \
+             this endpoint.</Message><Endpoint>{}.s3.{region}.amazonaws.com</Endpoint><Bucket>{}</Bucket>\
+             <RequestId>redirect</RequestId></Error>",
+            escape_xml(bucket),
+            escape_xml(bucket)
+        )
+    };
+    Response::builder()
+        .status(StatusCode::MOVED_PERMANENTLY)
+        .header(CONTENT_TYPE, "application/xml")
+        .header(CONTENT_LENGTH, body.len())
+        .header("x-amz-bucket-region", region)
+        .header("x-amz-request-id", "redirect")
+        .body(Body::from(body))
+        .expect("a redirect is a valid response")
 }
 
 /// An S3 error response, as S3 sends it.
