@@ -406,7 +406,9 @@ def test_webhook_configuration(case: str) -> None:
     objs = objects(case)
     [hook] = one(objs, "MutatingWebhookConfiguration")["webhooks"]
     assert hook["rules"] == [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
-                              "resources": ["pods"], "scope": "Namespaced"}]
+                              "resources": ["pods"], "scope": "Namespaced"},
+                             {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["UPDATE"],
+                              "resources": ["pods/ephemeralcontainers"], "scope": "Namespaced"}]
     assert hook["sideEffects"] == "None"
     assert hook["reinvocationPolicy"] == "IfNeeded"
     assert hook["failurePolicy"] == v["webhook"]["failurePolicy"]

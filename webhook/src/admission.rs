@@ -18,7 +18,7 @@ use serde_json::Value;
 use tracing::{debug, info, warn};
 
 use crate::config::InjectConfig;
-use crate::limits::{Budget, Held, Limits};
+use crate::limits::{Budget, ClientBudgets, Held, Limits};
 use crate::metrics::Metrics;
 use crate::mutate::{Outcome, mutate_view};
 use crate::pod::PodView;
@@ -123,13 +123,15 @@ struct Refusal {
     message: String,
 }
 
-/// Read a request body within the body timeout, holding its bytes against the server's budget
-/// and (when served on a connection) the connection's. A declared `Content-Length` is taken
-/// from the budgets before any byte is read.
+/// Read a request body within the body timeout, holding its bytes as they arrive against the
+/// server's budget and (when served on a connection) its client's and its connection's. A
+/// declared `Content-Length` is checked against the limit but holds nothing.
 async fn read_body(state: &AppState, request: HttpRequest) -> Result<(Bytes, Held), Refusal> {
     use http_body_util::BodyExt;
-    let connection = request.extensions().get::<Budget>().cloned();
-    let budgets: Vec<&Budget> = std::iter::once(&state.budget).chain(connection.as_ref()).collect();
+    let client = request.extensions().get::<ClientBudgets>().cloned();
+    let budgets: Vec<&Budget> = std::iter::once(&state.budget)
+        .chain(client.as_ref().into_iter().flat_map(|c| [&c.peer, &c.connection]))
+        .collect();
     let too_large = |size: String| Refusal {
         status: StatusCode::PAYLOAD_TOO_LARGE,
         reason: "too-large",
@@ -139,27 +141,24 @@ async fn read_body(state: &AppState, request: HttpRequest) -> Result<(Bytes, Hel
         status: StatusCode::SERVICE_UNAVAILABLE,
         reason: "busy",
         message: format!(
-            "too many request bytes in flight: {wanted} more bytes after {} would exceed the server's budget of {} or its connection's of {}",
+            "too many request bytes in flight: {wanted} more bytes after {} would exceed the server's budget of {}, its client's of {} or its connection's of {}",
             held.bytes(),
             state.limits.max_buffered_bytes,
+            state.limits.max_peer_bytes,
             state.limits.max_connection_bytes
         ),
     };
     let declared =
         request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let mut held = Held::default();
-    if let Some(length) = declared {
-        let length = usize::try_from(length).unwrap_or(usize::MAX);
-        if length > MAX_BODY_BYTES {
-            return Err(too_large(format!("{length} bytes")));
-        }
-        if !held.take(length, &budgets) {
-            return Err(busy(&held, length));
-        }
+    if let Some(length) = declared.map(|l| usize::try_from(l).unwrap_or(usize::MAX))
+        && length > MAX_BODY_BYTES
+    {
+        return Err(too_large(format!("{length} bytes")));
     }
     let mut body = request.into_body();
     let read = async {
-        let mut bytes = bytes::BytesMut::with_capacity(held.bytes());
+        let mut bytes = bytes::BytesMut::new();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|error| Refusal {
                 status: StatusCode::BAD_REQUEST,
@@ -256,6 +255,16 @@ pub fn admit(state: &AppState, request: &Request, types: TypeMeta) -> AdmissionR
         && request.kind.kind == "Pod"
         && request.sub_resource.is_none()
         && request.operation == Operation::Create;
+    if let Some(pod) = request.object.as_ref().filter(|_| is_ephemeral_update(request)) {
+        return match crate::mutate::check_ephemeral_containers(pod) {
+            Ok(()) => response,
+            Err(error) => {
+                state.metrics.error("invalid-pod");
+                warn!(uid = %request.uid, %error, "ephemeral container refused");
+                response.deny(error.to_string())
+            }
+        };
+    }
     let Some(pod) = request.object.as_ref().filter(|_| pod_create) else {
         state.metrics.skip(crate::metrics::NOT_POD_CREATE);
         debug!(uid = %request.uid, kind = %request.kind.kind, operation = ?request.operation, "not a pod creation; allowed unchanged");
@@ -299,6 +308,14 @@ pub fn admit(state: &AppState, request: &Request, types: TypeMeta) -> AdmissionR
             response.deny(error.to_string())
         }
     }
+}
+
+/// `kubectl debug` and the like: an update of a pod's `ephemeralcontainers` subresource.
+fn is_ephemeral_update(request: &Request) -> bool {
+    request.kind.group.is_empty()
+        && request.kind.kind == "Pod"
+        && request.sub_resource.as_deref() == Some("ephemeralcontainers")
+        && request.operation == Operation::Update
 }
 
 /// The body did not read as an AdmissionReview of a Pod. Answer with the request's uid when it

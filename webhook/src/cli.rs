@@ -28,7 +28,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve admission reviews over HTTPS: POST /mutate, GET /healthz, /readyz, /metrics.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print manifests (file or stdin, YAML or JSON) mutated exactly as the server would.
     Inject(InjectArgs),
     /// Keep the serving certificate Secret valid and the webhook's caBundle in step (without cert-manager).
@@ -85,7 +85,7 @@ pub struct ServeArgs {
 /// What one client can make the server hold (see `nvidia_webhook::limits`).
 #[derive(Debug, Args)]
 pub struct LimitArgs {
-    /// Connections open at once; more are closed at once.
+    /// Connections open at once; a new one beyond takes the place of the one idle the longest.
     #[arg(long, env = "NVIDIA_WEBHOOK_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
     pub max_connections: usize,
     /// Concurrent HTTP/2 streams per connection.
@@ -106,6 +106,9 @@ pub struct LimitArgs {
     /// Request body bytes buffered at once across the server; beyond it requests get 503.
     #[arg(long, env = "NVIDIA_WEBHOOK_MAX_BUFFERED_BYTES", default_value_t = Limits::default().max_buffered_bytes)]
     pub max_buffered_bytes: usize,
+    /// Request body bytes buffered at once for one client address; beyond it requests get 503.
+    #[arg(long, env = "NVIDIA_WEBHOOK_MAX_PEER_BYTES", default_value_t = Limits::default().max_peer_bytes)]
+    pub max_peer_bytes: usize,
     /// Request body bytes buffered at once on one connection; beyond it requests get 503.
     #[arg(long, env = "NVIDIA_WEBHOOK_MAX_CONNECTION_BYTES", default_value_t = Limits::default().max_connection_bytes)]
     pub max_connection_bytes: usize,
@@ -121,6 +124,7 @@ impl LimitArgs {
             body_timeout: self.body_timeout,
             idle_timeout: self.idle_timeout,
             max_buffered_bytes: self.max_buffered_bytes,
+            max_peer_bytes: self.max_peer_bytes,
             max_connection_bytes: self.max_connection_bytes,
         }
     }

@@ -26,6 +26,10 @@ pub enum Error {
         "{list} {container:?} mounts the volume {volume:?}, which nvidia-installer injects read-only from the host; use another volume name"
     )]
     InjectedVolumeReferenced { list: &'static str, container: String, volume: String },
+    #[error(
+        "ephemeral container {container:?} mounts the volume {volume:?}, which nvidia-installer injects from the host, without readOnly: true"
+    )]
+    InjectedVolumeWritable { container: String, volume: String },
     #[error("pod annotation {annotation}: {error}")]
     InvalidPin { annotation: String, error: nvidia_contract::NameError },
     #[error("reading TLS material from {path}: {source}")]

@@ -1,16 +1,20 @@
 //! What one client can make the server hold, bounded by configuration.
 //!
-//! - connections: at most [`Limits::max_connections`] at once; beyond that a new connection is
-//!   closed at once (it costs a socket, not a task);
+//! - connections: at most [`Limits::max_connections`] at once; a new connection beyond that takes
+//!   the place of the one that has had nothing in flight the longest (a connection that never
+//!   finished its handshake or request head first), so slow clients cannot lock others out;
 //! - time: a TLS handshake within [`Limits::handshake_timeout`], an HTTP/1 request head within
 //!   [`Limits::header_timeout`], a whole request body within [`Limits::body_timeout`], and a
 //!   connection with nothing in flight for [`Limits::idle_timeout`] is closed;
 //! - HTTP/2: at most [`Limits::max_streams`] concurrent streams per connection, with small flow
 //!   control windows (a client cannot push more than they allow before the server reads);
-//! - memory: request bodies are buffered against one budget for the whole server
-//!   ([`Limits::max_buffered_bytes`]) and one per connection
-//!   ([`Limits::max_connection_buffered_bytes`]); a request that would exceed either is answered
-//!   503 at once, its bytes unread.
+//! - request heads: at most [`HEADER_BYTES`] (HTTP/1 buffer, HTTP/2 header list), so that every
+//!   connection's fixed cost is known;
+//! - memory: request bodies are buffered as they arrive against one budget for the whole server
+//!   ([`Limits::max_buffered_bytes`]), one per client address ([`Limits::max_peer_bytes`]) and
+//!   one per connection ([`Limits::max_connection_bytes`]); a request that would exceed any is
+//!   answered 503 at once, the rest of its bytes unread. A declared `Content-Length` alone holds
+//!   nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,24 +31,37 @@ pub struct Limits {
     pub body_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_buffered_bytes: usize,
+    pub max_peer_bytes: usize,
     pub max_connection_bytes: usize,
 }
 
+/// The largest request head (HTTP/1 read buffer, HTTP/2 header list).
+pub const HEADER_BYTES: usize = 16 * 1024;
+
 impl Default for Limits {
-    /// Sized for the chart's 128Mi memory limit: 32 MiB of request bodies in all, 8 MiB per
-    /// connection (two full-size reviews), 4,096 connections.
+    /// Sized for the chart's 128Mi memory limit: 512 connections at about 100 KiB each at worst
+    /// (TLS buffers, a full request head per stream, HTTP/2 state), plus 32 MiB of request bodies
+    /// in all, 16 MiB per client address, 8 MiB per connection (two full-size reviews).
     fn default() -> Self {
         Self {
-            max_connections: 4096,
-            max_streams: 32,
+            max_connections: 512,
+            max_streams: 4,
             handshake_timeout: Duration::from_secs(5),
             header_timeout: Duration::from_secs(5),
             body_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(90),
             max_buffered_bytes: 32 << 20,
+            max_peer_bytes: 16 << 20,
             max_connection_bytes: 8 << 20,
         }
     }
+}
+
+/// The budgets a request's client shares: its address's and its connection's.
+#[derive(Debug, Clone)]
+pub struct ClientBudgets {
+    pub peer: Budget,
+    pub connection: Budget,
 }
 
 /// Budgets count in units of this many bytes.
@@ -61,6 +78,16 @@ pub struct Budget(Arc<Semaphore>);
 impl Budget {
     pub fn new(bytes: usize) -> Self {
         Self(Arc::new(Semaphore::new(units(bytes) as usize)))
+    }
+
+    /// A budget shared with others holding the same semaphore.
+    pub fn from_shared(semaphore: Arc<Semaphore>) -> Self {
+        Self(semaphore)
+    }
+
+    /// A handle that does not keep the budget alive.
+    pub fn downgrade(&self) -> std::sync::Weak<Semaphore> {
+        Arc::downgrade(&self.0)
     }
 
     /// Bytes still free.

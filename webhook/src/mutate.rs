@@ -263,6 +263,24 @@ fn refuse_injected_volume_references(spec: &SpecView, defined: &BTreeSet<&str>) 
     Ok(())
 }
 
+/// Ephemeral containers added to a running pod (`kubectl debug`) reach the pod's volumes, the
+/// injected host volumes included: refuse one that mounts an injected volume other than
+/// read-only.
+pub fn check_ephemeral_containers(pod: &PodView) -> crate::Result<()> {
+    let containers = pod.spec.iter().flat_map(|s| s.ephemeral_containers.iter().flatten());
+    for container in containers {
+        for mount in container.volume_mounts.iter().flatten() {
+            if contract::INJECTED_VOLUMES.contains(&mount.name.as_str()) && mount.read_only != Some(true) {
+                return Err(crate::Error::InjectedVolumeWritable {
+                    container: container.name.clone(),
+                    volume: mount.name.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The parts of the patch that depend on the settings only, built once per settings: a review
 /// then clones them instead of building and serializing Kubernetes objects again.
 #[derive(Debug, PartialEq)]

@@ -120,6 +120,8 @@ pub struct MountView {
     #[serde(default)]
     pub name: String,
     pub mount_path: String,
+    #[serde(default)]
+    pub read_only: Option<bool>,
 }
 
 /// A container's `env` list: its length and its last `LD_LIBRARY_PATH` entry.
@@ -248,7 +250,13 @@ impl From<&Container> for ContainerView {
                 .as_ref()
                 .map(|r| ResourcesView { requests: quantities(&r.requests), limits: quantities(&r.limits) }),
             volume_mounts: container.volume_mounts.as_ref().map(|m| {
-                m.iter().map(|m| MountView { name: m.name.clone(), mount_path: m.mount_path.clone() }).collect()
+                m.iter()
+                    .map(|m| MountView {
+                        name: m.name.clone(),
+                        mount_path: m.mount_path.clone(),
+                        read_only: m.read_only,
+                    })
+                    .collect()
             }),
             env: container.env.as_ref().map(|env| EnvView {
                 len: env.len(),

@@ -1,8 +1,11 @@
 //! `nvidia-webhook serve`: HTTPS with certificate reload and graceful shutdown.
 
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::net::IpAddr;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
+use std::sync::Weak;
 use std::time::Duration;
 
 use axum::Router;
@@ -11,14 +14,14 @@ use futures::FutureExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
 use crate::admission::{AppState, router};
-use crate::limits::Budget;
+use crate::limits::{Budget, ClientBudgets, HEADER_BYTES, Limits};
 use crate::tls::{self, TlsFiles};
 use crate::{Error, Result};
 
@@ -63,7 +66,7 @@ pub async fn serve_on(
     info!(%addr, cert = %options.tls.cert.display(), "serving admission reviews over HTTPS");
 
     let router = router(state.clone());
-    let slots = Arc::new(Semaphore::new(state.limits.max_connections));
+    let clients = Arc::new(Clients::new(state.limits.max_connections));
     let (stop, stopped) = watch::channel(false);
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
@@ -81,14 +84,14 @@ pub async fn serve_on(
                         continue;
                     }
                 };
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                let Some(client) = clients.admit(peer.ip(), &state.limits).await else {
                     state.metrics.refused_connections.inc();
-                    debug!(%peer, limit = state.limits.max_connections, "connection limit reached; closing");
+                    debug!(%peer, limit = state.limits.max_connections, "connection limit reached, nothing to evict; closing");
                     continue;
                 };
                 let acceptor = TlsAcceptor::from(rustls.get_inner());
                 let connection = Connection { state: state.clone(), router: router.clone(), stopped: stopped.clone() };
-                connections.spawn(connection.serve(tcp, acceptor, slot));
+                connections.spawn(connection.serve(tcp, acceptor, client));
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             () = &mut shutdown, if !stopping => {
@@ -141,11 +144,15 @@ struct Connection {
 }
 
 impl Connection {
-    async fn serve(mut self, tcp: tokio::net::TcpStream, acceptor: TlsAcceptor, slot: OwnedSemaphorePermit) {
+    async fn serve(mut self, tcp: tokio::net::TcpStream, acceptor: TlsAcceptor, mut client: Admitted) {
         let limits = self.state.limits.clone();
         self.state.metrics.connections.inc();
         let _open = scopeguard(self.state.clone());
-        let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+        let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp));
+        let tls = match tokio::select! {
+            result = handshake => result,
+            _ = &mut client.evicted => return,
+        } {
             Ok(Ok(tls)) => tls,
             Ok(Err(error)) => {
                 debug!(%error, "TLS handshake failed");
@@ -156,13 +163,14 @@ impl Connection {
                 return;
             }
         };
-        let activity = Activity::default();
-        let budget = Budget::new(limits.max_connection_bytes);
+        let activity = client.activity.clone();
+        let budgets =
+            ClientBudgets { peer: client.peer_budget.clone(), connection: Budget::new(limits.max_connection_bytes) };
         let service = {
             let (router, activity) = (self.router.clone(), activity.clone());
             tower::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
                 let (router, busy) = (router.clone(), activity.begin());
-                request.extensions_mut().insert(budget.clone());
+                request.extensions_mut().insert(budgets.clone());
                 async move {
                     let response = router.oneshot(request).await;
                     drop(busy);
@@ -171,14 +179,14 @@ impl Connection {
             })
         };
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).max_buf_size(64 * 1024);
+        builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).max_buf_size(HEADER_BYTES);
         builder
             .http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(limits.max_streams)
             .initial_stream_window_size(256 * 1024)
             .initial_connection_window_size(1024 * 1024)
-            .max_header_list_size(64 * 1024)
+            .max_header_list_size(HEADER_BYTES as u32)
             .max_pending_accept_reset_streams(Some(64))
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(10));
@@ -207,9 +215,97 @@ impl Connection {
                     }
                 }
                 () = sleep_until(closing), if closing.is_some() => break,
+                _ = &mut client.evicted, if closing.is_none() => {
+                    debug!("connection evicted for a new one");
+                    break;
+                }
             }
         }
-        drop(slot);
+    }
+}
+
+/// The open connections, and the byte budgets of their client addresses.
+struct Clients {
+    max: usize,
+    next_id: std::sync::atomic::AtomicU64,
+    open: std::sync::Mutex<Open>,
+}
+
+#[derive(Default)]
+struct Open {
+    /// By connection id: its activity and how to evict it.
+    connections: BTreeMap<u64, (Activity, Option<oneshot::Sender<()>>)>,
+    /// By client address; the budget lives as long as a connection from there does.
+    peers: HashMap<IpAddr, Weak<Semaphore>>,
+}
+
+/// A connection let in: its activity, its client's budget, and the signal that evicts it. Its
+/// place is given back when it is dropped.
+struct Admitted {
+    id: u64,
+    clients: Arc<Clients>,
+    activity: Activity,
+    peer_budget: Budget,
+    evicted: oneshot::Receiver<()>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.clients.open.lock() {
+            open.connections.remove(&self.id);
+        }
+    }
+}
+
+impl Clients {
+    fn new(max: usize) -> Self {
+        Self { max: max.max(1), next_id: std::sync::atomic::AtomicU64::new(0), open: std::sync::Mutex::default() }
+    }
+
+    /// Let a connection from `peer` in. At the limit, the connection with nothing in flight for the
+    /// longest is evicted for it (its task ends and gives the place back); `None` when every
+    /// connection has a request in flight.
+    async fn admit(self: &Arc<Self>, peer: IpAddr, limits: &Limits) -> Option<Admitted> {
+        for _ in 0..50 {
+            {
+                let mut open = self.open.lock().ok()?;
+                if open.connections.len() < self.max {
+                    let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let (evict, evicted) = oneshot::channel();
+                    let activity = Activity::default();
+                    open.connections.insert(id, (activity.clone(), Some(evict)));
+                    let peer_budget = match open.peers.get(&peer).and_then(Weak::upgrade) {
+                        Some(budget) => Budget::from_shared(budget),
+                        None => {
+                            let budget = Budget::new(limits.max_peer_bytes);
+                            if open.peers.len() > 2 * self.max {
+                                open.peers.retain(|_, b| b.strong_count() > 0);
+                            }
+                            open.peers.insert(peer, budget.downgrade());
+                            budget
+                        }
+                    };
+                    return Some(Admitted { id, clients: self.clone(), activity, peer_budget, evicted });
+                }
+                let idlest = open
+                    .connections
+                    .iter()
+                    .filter(|(_, (activity, evict))| evict.is_some() && activity.in_flight() == 0)
+                    // Connections that never got a request through first (a stalled handshake
+                    // or request head), then the one idle the longest.
+                    .max_by_key(|(_, (activity, _))| (!activity.served(), activity.idle_for()))
+                    .map(|(id, _)| *id);
+                match idlest.and_then(|id| open.connections.get_mut(&id)).and_then(|(_, evict)| evict.take()) {
+                    Some(evict) => {
+                        let _ = evict.send(());
+                    }
+                    None => return None,
+                }
+            }
+            // The evicted task ends and gives its place back.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        None
     }
 }
 
@@ -233,25 +329,38 @@ impl Drop for OpenConnection {
     }
 }
 
-/// Requests in flight on a connection and when it last had one.
-#[derive(Debug, Clone, Default)]
-struct Activity(Arc<std::sync::Mutex<(usize, Option<std::time::Instant>)>>);
+/// Requests in flight on a connection, since when it has had none (since it opened, before its
+/// first request), and whether it has had one.
+#[derive(Debug, Clone)]
+struct Activity(Arc<std::sync::Mutex<(usize, std::time::Instant, bool)>>);
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self(Arc::new(std::sync::Mutex::new((0, std::time::Instant::now(), false))))
+    }
+}
 
 impl Activity {
+    fn in_flight(&self) -> usize {
+        self.0.lock().map(|state| state.0).unwrap_or(0)
+    }
+
+    fn served(&self) -> bool {
+        self.0.lock().map(|state| state.2).unwrap_or(false)
+    }
+
     fn begin(&self) -> Busy {
         if let Ok(mut state) = self.0.lock() {
             state.0 += 1;
+            state.2 = true;
         }
         Busy(self.clone())
     }
 
     /// How long nothing has been in flight (zero while something is).
     fn idle_for(&self) -> Duration {
-        let Ok(mut state) = self.0.lock() else { return Duration::ZERO };
-        if state.0 > 0 {
-            return Duration::ZERO;
-        }
-        state.1.get_or_insert_with(std::time::Instant::now).elapsed()
+        let Ok(state) = self.0.lock() else { return Duration::ZERO };
+        if state.0 > 0 { Duration::ZERO } else { state.1.elapsed() }
     }
 }
 
@@ -262,7 +371,7 @@ impl Drop for Busy {
     fn drop(&mut self) {
         if let Ok(mut state) = (self.0).0.lock() {
             state.0 -= 1;
-            state.1 = Some(std::time::Instant::now());
+            state.1 = std::time::Instant::now();
         }
     }
 }

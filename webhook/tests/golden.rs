@@ -150,13 +150,18 @@ async fn decisions_per_case() {
         "not-a-pod",
         "update-operation",
         "conflicting-root-volume-name",
+        "ephemeral-container-read-only-driver-mount",
     ] {
         let case = get(unchanged);
         assert!(allowed(case) && case.patched.is_none(), "{unchanged} must pass unchanged: {}", case.answer);
     }
-    for refused in
-        ["invalid-pin", "malformed-pod", "references-injected-root-volume", "references-injected-driver-volume"]
-    {
+    for refused in [
+        "invalid-pin",
+        "malformed-pod",
+        "references-injected-root-volume",
+        "references-injected-driver-volume",
+        "ephemeral-container-writable-driver-mount",
+    ] {
         let case = get(refused);
         assert_eq!(case.answer["response"]["allowed"], false, "{refused}");
         assert!(

@@ -48,7 +48,7 @@ impl Webhook {
             .arg("--tls-key")
             .arg(dir.join("tls.key"))
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", std::env::var("NVIDIA_TEST_WEBHOOK_LOG").unwrap_or_else(|_| "warn".to_owned()))
             .stdout(Stdio::null())
             .spawn()
             .expect("start nvidia-webhook");
@@ -84,7 +84,7 @@ fn tls_config(ca_pem: &str, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
     Arc::new(config)
 }
 
-async fn tls(addr: SocketAddr, ca: &str, alpn: &[u8]) -> tokio_rustls::client::TlsStream<TcpStream> {
+pub async fn tls(addr: SocketAddr, ca: &str, alpn: &[u8]) -> tokio_rustls::client::TlsStream<TcpStream> {
     let connector = tokio_rustls::TlsConnector::from(tls_config(ca, alpn));
     for _ in 0..400 {
         if let Ok(tcp) = TcpStream::connect(addr).await {
@@ -140,6 +140,27 @@ pub async fn slow_connections(addr: SocketAddr, ca: &str, raw: usize, half: usiz
         stream.write_all(b"POST /mutate HTTP/1.1\r\nHost: localhost\r\nContent-Ty").await.expect("write");
         stream.flush().await.expect("flush");
         held.half_headers.push(stream);
+    }
+    held
+}
+
+/// `connections` TLS connections that each send a request head declaring a `bytes` body, then
+/// nothing.
+pub async fn declared_but_unsent(
+    addr: SocketAddr,
+    ca: &str,
+    connections: usize,
+    bytes: usize,
+) -> Vec<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut held = Vec::new();
+    for _ in 0..connections {
+        let mut stream = tls(addr, ca, b"http/1.1").await;
+        let head = format!(
+            "POST /mutate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {bytes}\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.expect("write");
+        stream.flush().await.expect("flush");
+        held.push(stream);
     }
     held
 }
