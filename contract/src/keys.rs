@@ -28,6 +28,16 @@ impl BundleKeys {
             legacy: format!("gardenlinux-{gardenlinux}-nvidia-{driver}.tar.gz"),
         })
     }
+
+    /// The keys of one flavor of the bundle, beside the plain ones, so that a bucket can hold
+    /// both flavors of a driver version: `gardenlinux-<GL>/<kernel>/<flavor>/nvidia-<driver>.tar.zst`
+    /// (a kernel release holds no `/`, so these never meet the plain keys).
+    pub fn flavored(gardenlinux: &str, kernel: &str, driver: &str, flavor: &str) -> Result<Self, NameError> {
+        let plain = Self::new(gardenlinux, kernel, driver)?;
+        names::check(NameKind::Flavor, flavor)?;
+        let archive = format!("gardenlinux-{gardenlinux}/{kernel}/{flavor}/nvidia-{driver}.tar.zst");
+        Ok(Self { manifest: format!("{archive}.manifest.json"), archive, legacy: plain.legacy })
+    }
 }
 
 #[cfg(test)]
@@ -43,6 +53,14 @@ mod tests {
             "gardenlinux-1877.3/6.12.43+deb12-cloud-amd64/nvidia-535.261.03.tar.zst.manifest.json"
         );
         assert_eq!(keys.legacy, "gardenlinux-1877.3-nvidia-535.261.03.tar.gz");
+    }
+
+    #[test]
+    fn flavored_keys_sit_beside_the_plain_ones() {
+        let keys = BundleKeys::flavored("1877.3", "6.1.0-47-amd64", "535.261.03", "proprietary").expect("valid");
+        assert_eq!(keys.archive, "gardenlinux-1877.3/6.1.0-47-amd64/proprietary/nvidia-535.261.03.tar.zst");
+        assert_eq!(keys.manifest, format!("{}.manifest.json", keys.archive));
+        assert!(BundleKeys::flavored("1877.3", "6.1.0-47-amd64", "535.261.03", "../x").is_err());
     }
 
     #[test]

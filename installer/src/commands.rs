@@ -16,13 +16,13 @@ use crate::cli::{
     CompileArgs, DevServeArgs, DriverSourceArgs, GcArgs, InstallArgs, ModulusArgs, PackArgs, PublishArgs, StageArgs,
     StatusArgs, WaitArgs, given,
 };
-use crate::compiler::compile::{self, CompileRequest};
+use crate::compiler::compile::{self, CompileRequest, Flavor};
 use crate::compiler::fifo::{self, Pipes};
 use crate::compiler::publish;
 use crate::node::install::{self, InstallRequest};
 use crate::node::kernel::HostKernel;
 use crate::node::stage::{self, StageRequest};
-use crate::node::{api::Reporter, gc, ready, status};
+use crate::node::{api::Reporter, gc, gpus, ready, status};
 use crate::s3::Bucket;
 use crate::{Error, Result};
 
@@ -40,10 +40,18 @@ pub async fn stage(args: &StageArgs) -> Result<()> {
 }
 
 pub async fn install(args: &InstallArgs) -> Result<()> {
-    let stage = stage_request(&args.stage)?;
-    let compile = allow_compilation_request(args, &stage)?;
-    let request = InstallRequest { stage, modules: args.modules.clone(), compile };
+    let mut stage = stage_request(&args.stage)?;
     let layout = args.stage.host.layout();
+    stage.flavors = gpus::flavors_for(&gpus::nvidia_gpus(&layout), args.source.flavor)?;
+    let mut compile = allow_compilation_request(args, &stage)?;
+    if let Some(compile) = compile.as_mut()
+        && compile.flavor == Flavor::Auto
+        && stage.flavors.as_deref() == Some(&["proprietary".to_owned()])
+    {
+        // The branch's default could be the open modules, which this node's GPUs cannot run.
+        compile.flavor = Flavor::Proprietary;
+    }
+    let request = InstallRequest { stage, modules: args.modules.clone(), compile };
     if args.dry_run {
         let plan = install::dry_run(&layout, &request).await?;
         println!("staged {}", plan.staged.bundle.display());
@@ -216,7 +224,13 @@ async fn already_published(
         },
         (None, Some(_)) => return Ok(None),
     };
-    let keys = nvidia_contract::BundleKeys::new(gardenlinux, &kernel, driver)?;
+    // A build of one flavor is there when that flavor's keys are; for the branch's default, the
+    // plain keys.
+    let keys = match request.flavor {
+        Flavor::Open => nvidia_contract::BundleKeys::flavored(gardenlinux, &kernel, driver, "open")?,
+        Flavor::Proprietary => nvidia_contract::BundleKeys::flavored(gardenlinux, &kernel, driver, "proprietary")?,
+        Flavor::Auto => nvidia_contract::BundleKeys::new(gardenlinux, &kernel, driver)?,
+    };
     let bucket = Bucket::connect(options).await?;
     let found = crate::s3::head(&bucket.client, &bucket.name, &keys.manifest, &Default::default()).await?;
     Ok(found.map(|_| keys.manifest))
@@ -244,6 +258,7 @@ pub fn stage_request(args: &StageArgs) -> Result<StageRequest> {
         s3: args.s3.options(),
         transfer: args.s3.transfer(),
         limits: Limits::default(),
+        flavors: gpus::flavors_for(&gpus::nvidia_gpus(&layout), Flavor::Auto)?,
     })
 }
 

@@ -74,6 +74,8 @@ pub enum Error {
     Build { kernel: String, error: String, log: PathBuf },
     #[error("patch {patch} does not apply: {reason}")]
     Patch { patch: PathBuf, reason: String },
+    #[error("kernel module flavor: {reason}")]
+    Flavor { reason: String },
     #[error("GPU firmware: {reason}")]
     Firmware { reason: String },
     #[error("updating node {node}: {reason}")]

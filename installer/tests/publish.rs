@@ -56,8 +56,11 @@ async fn a_failed_upload_leaves_no_manifest() {
 
     server.faults().inject_suffix_times(Method::PUT, ".tar.zst", Fault::InternalError, 10);
     let error = publish(&client, &out, GARDENLINUX, false, &Transfer::default()).await.expect_err("upload fails");
-    assert!(error.to_string().contains(&keys.archive), "{error}");
+    // The bundle goes up under its flavor's keys first.
+    let flavored = BundleKeys::flavored(GARDENLINUX, KERNEL, DRIVER, "open").expect("valid names");
+    assert!(error.to_string().contains(&flavored.archive), "{error}");
     assert!(server.get_object(BUCKET, &keys.manifest).is_none(), "no manifest without its archive");
+    assert!(server.get_object(BUCKET, &flavored.manifest).is_none(), "no manifest without its archive");
     server.faults().clear();
 
     // Replacing: the old manifest goes first, so a failure leaves none rather than a stale one.

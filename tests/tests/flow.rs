@@ -136,6 +136,7 @@ async fn the_injected_init_container_waits_for_install_and_refuses_another_pinne
             s3,
             transfer: Transfer::default(),
             limits: Default::default(),
+            flavors: None,
         },
         modules: vec!["nvidia".into(), "nvidia-uvm".into(), "nvidia-modeset".into()],
         compile: None,
@@ -180,6 +181,7 @@ async fn the_injected_mounts_resolve_to_the_current_bundle() {
         s3,
         transfer: Transfer::default(),
         limits: Default::default(),
+        flavors: None,
     };
     nvidia_installer::node::stage::stage(&layout, &request).await.expect("stage");
 

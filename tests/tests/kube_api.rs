@@ -272,6 +272,7 @@ async fn node_with_bundle(work: &Path) -> (S3Server, nvidia_installer::node::ins
             s3,
             transfer: Default::default(),
             limits: Default::default(),
+            flavors: None,
         },
         modules: vec!["nvidia".into(), "nvidia-uvm".into(), "nvidia-modeset".into()],
         compile: None,

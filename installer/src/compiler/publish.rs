@@ -18,6 +18,9 @@ use crate::{Error, Result};
 /// Objects above this size are uploaded in parts.
 pub const MULTIPART_THRESHOLD: u64 = 32 << 20;
 const PART_SIZE: u64 = 16 << 20;
+/// What a key keeps unencoded in `x-amz-copy-source` (a kernel release's `+` does not).
+const KEY_IN_URL: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'/').remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 /// The largest manifest read back from the bucket.
 const MAX_MANIFEST_BYTES: u64 = 16 << 20;
 
@@ -32,9 +35,14 @@ pub struct Published {
 
 /// Publish `bundle` (a `tar.zst` made by `pack`) for Garden Linux `gardenlinux`.
 ///
-/// Everything is checked before the bucket changes: the bundle's own manifest, the names that
-/// become keys, the Garden Linux version it was packed for. A refused publish leaves the bucket
-/// as it was.
+/// Everything is checked before the bucket changes: the whole archive as a node will check it,
+/// the names that become keys, the Garden Linux version it was packed for. A refused publish
+/// leaves the bucket as it was.
+///
+/// The bundle goes under its flavor's keys (`…/<kernel>/<flavor>/nvidia-<driver>.tar.zst`), so
+/// that a bucket can hold both flavors of a driver, and under the plain keys too
+/// (`…/<kernel>/nvidia-<driver>.tar.zst`, what they have always meant: the bundle of that
+/// driver) unless those hold the other flavor. Each manifest is written after its archive.
 pub async fn publish(
     bucket: &Bucket,
     bundle: &Path,
@@ -45,8 +53,8 @@ pub async fn publish(
     let (client, bucket) = (&bucket.client, bucket.name.as_str());
     // The archive as a node will check it: every entry, every digest, before the bucket changes.
     let inner = crate::bundle::verify_packed(bundle)?;
-    let keys = BundleKeys::new(gardenlinux, &inner.kernel_release, &inner.driver_version)?;
-    nvidia_contract::names::check(nvidia_contract::NameKind::Flavor, &inner.flavor)?;
+    let plain = BundleKeys::new(gardenlinux, &inner.kernel_release, &inner.driver_version)?;
+    let flavored = BundleKeys::flavored(gardenlinux, &inner.kernel_release, &inner.driver_version, &inner.flavor)?;
     if let Some(packed_for) = inner.gardenlinux_version.as_deref().filter(|v| *v != gardenlinux) {
         return Err(Error::Manifest {
             source_name: bundle.display().to_string(),
@@ -56,76 +64,107 @@ pub async fn publish(
     let (sha256, size) = digest(bundle)?;
     // The copy beside the archive is the archive's own manifest plus the archive's digest.
     let manifest = Manifest { archive: Some(crate::bundle::manifest::ArchiveEntry { sha256, size }), ..inner.clone() };
+    let read = |key: String| async move {
+        let bytes = s3::get_small(client, bucket, &key, MAX_MANIFEST_BYTES, transfer).await?;
+        Ok::<_, Error>(bytes.and_then(|b| Manifest::parse(&b, &format!("s3://{bucket}/{key}")).ok()))
+    };
+    let published_flavor = read(flavored.manifest.clone()).await?;
+    let published_plain = read(plain.manifest.clone()).await?;
+    // The plain keys stay with the flavor that has them.
+    let write_plain = published_plain.as_ref().is_none_or(|m| m.flavor == manifest.flavor);
     if !force {
-        // The same bundle again (a restarted compiler pod) is done already; another one is refused.
-        if let Some(bytes) = s3::get_small(client, bucket, &keys.manifest, MAX_MANIFEST_BYTES, transfer).await? {
-            let published = Manifest::parse(&bytes, &format!("s3://{bucket}/{}", keys.manifest)).ok();
-            let archive = s3::head(client, bucket, &keys.archive, transfer).await?;
-            if published.as_ref() == Some(&manifest) && archive.is_some_and(|(bytes, _)| bytes == size) {
-                info!(bucket, key = %keys.archive, "this very bundle is already published; nothing to do");
-                return Ok(Published {
-                    archive_key: keys.archive,
-                    manifest_key: keys.manifest,
-                    manifest,
-                    unchanged: true,
-                });
-            }
-            return Err(Error::s3(
-                "PUT",
-                bucket,
-                &keys.manifest,
-                "already exists and describes another bundle; pass --force to replace it".to_owned(),
-            ));
+        let same = |published: &Option<Manifest>| published.as_ref() == Some(&manifest);
+        if same(&published_flavor) && (!write_plain || same(&published_plain)) {
+            info!(bucket, key = %flavored.archive, "this very bundle is already published; nothing to do");
+            let keys = if write_plain { &plain } else { &flavored };
+            return Ok(Published {
+                archive_key: keys.archive.clone(),
+                manifest_key: keys.manifest.clone(),
+                manifest,
+                unchanged: true,
+            });
         }
-        if s3::head(client, bucket, &keys.archive, transfer).await?.is_some() {
-            return Err(Error::s3(
-                "PUT",
-                bucket,
-                &keys.archive,
-                "already exists; pass --force to replace it".to_owned(),
-            ));
+        for (published, keys) in [(&published_flavor, &flavored), (&published_plain, &plain)] {
+            if published.is_some() && !same(published) && (keys == &flavored || write_plain) {
+                return Err(Error::s3(
+                    "PUT",
+                    bucket,
+                    &keys.manifest,
+                    "already exists and describes another bundle; pass --force to replace it".to_owned(),
+                ));
+            }
         }
     }
     if force {
-        // Take the manifest away first: while the archive is replaced, readers find nothing
+        // Take the manifests away first: while the archives are replaced, readers find nothing
         // rather than an old manifest beside a new archive.
-        client
-            .delete_object()
-            .bucket(bucket)
-            .key(&keys.manifest)
-            .send()
-            .await
-            .map_err(|e| Error::s3("DELETE", bucket, &keys.manifest, e.to_string()))?;
+        let mut gone = vec![&flavored.manifest];
+        if write_plain {
+            gone.push(&plain.manifest);
+        }
+        for key in gone {
+            client
+                .delete_object()
+                .bucket(bucket)
+                .key(key)
+                .send()
+                .await
+                .map_err(|e| Error::s3("DELETE", bucket, key, e.to_string()))?;
+        }
     }
-    info!(bucket, key = %keys.archive, bytes = size, "uploading the bundle");
+    info!(bucket, key = %flavored.archive, bytes = size, "uploading the bundle");
     if size > MULTIPART_THRESHOLD {
-        upload_multipart(client, bucket, &keys.archive, bundle, size, transfer).await?;
+        upload_multipart(client, bucket, &flavored.archive, bundle, size, transfer).await?;
     } else {
-        let body =
-            ByteStream::from_path(bundle).await.map_err(|e| Error::s3("PUT", bucket, &keys.archive, e.to_string()))?;
+        let body = ByteStream::from_path(bundle)
+            .await
+            .map_err(|e| Error::s3("PUT", bucket, &flavored.archive, e.to_string()))?;
         client
             .put_object()
             .bucket(bucket)
-            .key(&keys.archive)
+            .key(&flavored.archive)
             .body(body)
             .checksum_algorithm(ChecksumAlgorithm::Sha256)
             .send()
             .await
-            .map_err(|e| Error::s3("PUT", bucket, &keys.archive, e.to_string()))?;
+            .map_err(|e| Error::s3("PUT", bucket, &flavored.archive, e.to_string()))?;
     }
-    let body = manifest.to_json();
+    put_manifest(client, bucket, &flavored.manifest, &manifest).await?;
+    if !write_plain {
+        info!(bucket, key = %plain.manifest, flavor = %manifest.flavor, "the plain keys hold the other flavor; left as they are");
+        return Ok(Published {
+            archive_key: flavored.archive,
+            manifest_key: flavored.manifest,
+            manifest,
+            unchanged: false,
+        });
+    }
+    // The plain archive is a copy made by the store (no second upload).
+    client
+        .copy_object()
+        .bucket(bucket)
+        .key(&plain.archive)
+        .copy_source(format!("{bucket}/{}", percent_encoding::utf8_percent_encode(&flavored.archive, KEY_IN_URL)))
+        .send()
+        .await
+        .map_err(|e| Error::s3("COPY", bucket, &plain.archive, e.to_string()))?;
+    put_manifest(client, bucket, &plain.manifest, &manifest).await?;
+    Ok(Published { archive_key: plain.archive, manifest_key: plain.manifest, manifest, unchanged: false })
+}
+
+async fn put_manifest(client: &Client, bucket: &str, key: &str, manifest: &Manifest) -> Result<()> {
     client
         .put_object()
         .bucket(bucket)
-        .key(&keys.manifest)
+        .key(key)
         .content_type("application/json")
-        .body(ByteStream::from(body))
+        .body(ByteStream::from(manifest.to_json()))
         .checksum_algorithm(ChecksumAlgorithm::Sha256)
         .send()
         .await
-        .map_err(|e| Error::s3("PUT", bucket, &keys.manifest, e.to_string()))?;
-    info!(bucket, key = %keys.manifest, "manifest published");
-    Ok(Published { archive_key: keys.archive, manifest_key: keys.manifest, manifest, unchanged: false })
+        .map_err(|e| Error::s3("PUT", bucket, key, e.to_string()))?;
+    info!(bucket, key, "manifest published");
+    Ok(())
 }
 
 fn digest(path: &Path) -> Result<(String, u64)> {

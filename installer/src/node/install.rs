@@ -9,12 +9,12 @@ use tracing::{info, warn};
 
 use crate::node::api::{Report, Reporter};
 use crate::node::devices::{make_device_nodes, node_specs};
-use crate::node::firmware;
 use crate::node::kernel::Kernel;
 use crate::node::lock::HostLock;
 use crate::node::modules::{Loader, ModuleLoad, Planner, plan_loads};
 use crate::node::ready::{self, LastError, ReadyMarker};
 use crate::node::stage::{self, StageRequest, Staged};
+use crate::node::{firmware, gpus};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -110,6 +110,7 @@ async fn install_locked(layout: &Layout, request: &InstallRequest, kernel: &dyn 
         (result, _) => result?,
     };
     refuse_other_loaded(layout, &staged, wanted)?;
+    gpus::check_bundle(&gpus::nvidia_gpus(layout), &staged.manifest.flavor, wanted)?;
     // A marker for another driver or kernel no longer describes this node.
     if ready::read_marker(layout).is_some_and(|m| &m.driver_version != wanted || &m.kernel_release != kernel_release) {
         ready::remove_marker(layout)?;

@@ -11,6 +11,7 @@ pub mod cache;
 pub mod devices;
 pub mod firmware;
 pub mod gc;
+pub mod gpus;
 pub mod install;
 pub mod kernel;
 pub mod lock;

@@ -34,6 +34,9 @@ pub struct StageRequest {
     pub s3: S3Options,
     pub transfer: Transfer,
     pub limits: Limits,
+    /// The kernel-module flavors that can drive this node's GPUs, best first
+    /// ([`gpus::flavors_for`](crate::node::gpus::flavors_for)); `None`: any.
+    pub flavors: Option<Vec<String>>,
 }
 
 /// What staging did.
@@ -59,7 +62,14 @@ pub async fn stage_locked(layout: &Layout, request: &StageRequest) -> Result<Sta
     let started = Instant::now();
     clean_leftovers(layout)?;
     let bundle = layout.bundle(&request.kernel_release, &request.driver_version);
-    let (manifest, downloaded_from) = match cache::cached(&bundle) {
+    let cached = cache::cached(&bundle).and_then(|manifest| {
+        if takes(request, &manifest.flavor) {
+            Ok(manifest)
+        } else {
+            Err(format!("it holds the {} modules, which cannot drive this node's GPUs", manifest.flavor))
+        }
+    });
+    let (manifest, downloaded_from) = match cached {
         Ok(manifest) => {
             info!(bundle = %bundle.display(), "cache hit: bundle already staged and verified");
             (manifest, None)
@@ -118,9 +128,75 @@ struct Located {
     map: PathMap,
 }
 
+/// Whether `flavor` is one `request` takes.
+fn takes(request: &StageRequest, flavor: &str) -> bool {
+    // A bundle mapped from the original system's layout holds its proprietary modules.
+    let flavor = if flavor == "legacy" { "proprietary" } else { flavor };
+    request.flavors.as_ref().is_none_or(|flavors| flavors.iter().any(|f| f == flavor))
+}
+
+/// Find the bundle: the key of each acceptable flavor in order, then the plain key (whatever
+/// flavor it holds, when acceptable), then the original system's key (proprietary modules).
 async fn locate(client: &aws_sdk_s3::Client, request: &StageRequest) -> Result<Located> {
     let bucket = &request.s3.bucket;
-    let keys = BundleKeys::new(&request.gardenlinux_version, &request.kernel_release, &request.driver_version)?;
+    let (gl, kernel, driver) = (&request.gardenlinux_version, &request.kernel_release, &request.driver_version);
+    let plain = BundleKeys::new(gl, kernel, driver)?;
+    let mut tried = Vec::new();
+    let mut unfit = Vec::new();
+    for flavor in request.flavors.iter().flatten() {
+        let keys = BundleKeys::flavored(gl, kernel, driver, flavor)?;
+        if let Some(located) = locate_keys(client, request, &keys).await? {
+            return Ok(located);
+        }
+        tried.push(keys.manifest);
+    }
+    match locate_keys(client, request, &plain).await? {
+        Some(located) => {
+            let flavor = located.expected.as_ref().map(|m| m.flavor.clone()).unwrap_or_default();
+            if takes(request, &flavor) {
+                return Ok(located);
+            }
+            unfit.push(format!("{} holds the {flavor} modules", plain.manifest));
+        }
+        None => tried.extend([plain.manifest.clone(), plain.archive.clone()]),
+    }
+    if let Some((size, etag)) = s3::head(client, bucket, &plain.legacy, &request.transfer).await? {
+        // The original system built the .run's default, the proprietary modules below the 560 branch.
+        if takes(request, "proprietary") {
+            warn!(bucket, key = %plain.legacy, "using the original system's bundle layout: it has no manifest, so only its integrity in transit is checked");
+            return Ok(Located {
+                key: plain.legacy,
+                size,
+                etag,
+                expected: None,
+                map: PathMap::Legacy { kernel: request.kernel_release.clone() },
+            });
+        }
+        unfit.push(format!("{} holds the original system's (proprietary) modules", plain.legacy));
+    } else {
+        tried.push(plain.legacy);
+    }
+    if !unfit.is_empty() {
+        return Err(Error::Flavor {
+            reason: format!(
+                "this node's GPUs need the {} kernel modules of driver {driver}, but in bucket {bucket} {}; tried {}",
+                request.flavors.iter().flatten().cloned().collect::<Vec<_>>().join(" or "),
+                unfit.join(", "),
+                tried.join(", ")
+            ),
+        });
+    }
+    Err(Error::NotFound { bucket: bucket.clone(), tried })
+}
+
+/// The bundle under `keys` (manifest and archive), checked against the request; `None` when
+/// there is no manifest there.
+async fn locate_keys(
+    client: &aws_sdk_s3::Client,
+    request: &StageRequest,
+    keys: &BundleKeys,
+) -> Result<Option<Located>> {
+    let bucket = &request.s3.bucket;
     let transfer = &request.transfer;
     if let Some(bytes) = s3::get_small(client, bucket, &keys.manifest, 16 << 20, transfer).await? {
         let source = format!("s3://{bucket}/{}", keys.manifest);
@@ -148,19 +224,15 @@ async fn locate(client: &aws_sdk_s3::Client, request: &StageRequest) -> Result<L
                 format!("{size} bytes, the manifest says {}", archive.size),
             ));
         }
-        return Ok(Located { key: keys.archive, size, etag, expected: Some(expected), map: PathMap::Bundle });
-    }
-    if let Some((size, etag)) = s3::head(client, bucket, &keys.legacy, transfer).await? {
-        warn!(bucket, key = %keys.legacy, "using the original system's bundle layout: it has no manifest, so only its integrity in transit is checked");
-        return Ok(Located {
-            key: keys.legacy,
+        return Ok(Some(Located {
+            key: keys.archive.clone(),
             size,
             etag,
-            expected: None,
-            map: PathMap::Legacy { kernel: request.kernel_release.clone() },
-        });
+            expected: Some(expected),
+            map: PathMap::Bundle,
+        }));
     }
-    Err(Error::NotFound { bucket: bucket.clone(), tried: vec![keys.manifest, keys.archive, keys.legacy] })
+    Ok(None)
 }
 
 async fn download_and_publish(layout: &Layout, request: &StageRequest, bundle: &Path) -> Result<(Manifest, String)> {

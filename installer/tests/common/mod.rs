@@ -93,6 +93,7 @@ pub fn request(server: &S3Server, kernel: &str, driver: &str) -> StageRequest {
             ..Transfer::default()
         },
         limits: Limits::default(),
+        flavors: None,
     }
 }
 
