@@ -52,15 +52,21 @@ fn static_installer() -> PathBuf {
     );
     // Built from the sources under test, not left over from an earlier build.
     let built = std::fs::metadata(&path).and_then(|m| m.modified()).expect("binary mtime");
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    for entry in std::fs::read_dir(&src).expect("installer sources").flatten() {
-        let changed = entry.metadata().and_then(|m| m.modified()).expect("source mtime");
-        assert!(
-            changed <= built,
-            "{} is older than {}: rebuild it (scripts/test does)",
-            path.display(),
-            entry.path().display()
-        );
+    let mut dirs = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("installer sources").flatten() {
+            if entry.path().is_dir() {
+                dirs.push(entry.path());
+                continue;
+            }
+            let changed = entry.metadata().and_then(|m| m.modified()).expect("source mtime");
+            assert!(
+                changed <= built,
+                "{} is older than {}: rebuild it (scripts/test does)",
+                path.display(),
+                entry.path().display()
+            );
+        }
     }
     path
 }
@@ -132,9 +138,12 @@ fn stand_in_bundle(guest: &Guest, work: &Path) -> PathBuf {
         .arg("modules"));
 
     let dir = work.join("stand-in");
-    for sub in ["bin", "lib", "modules"] {
+    for sub in ["bin", "lib", "modules", &format!("firmware/nvidia/{STAND_IN}")] {
         std::fs::create_dir_all(dir.join(sub)).expect("bundle dir");
     }
+    // The firmware the stand-in nvidia.ko requests when it loads, as the real one its GSP firmware.
+    std::fs::write(dir.join(format!("firmware/nvidia/{STAND_IN}/gsp_test.bin")), b"stand-in GSP firmware")
+        .expect("firmware");
     for module in ["nvidia", "nvidia-uvm", "nvidia-modeset"] {
         std::fs::copy(src.join(format!("{module}.ko")), dir.join(format!("modules/{module}.ko"))).expect("module");
     }
@@ -186,10 +195,12 @@ state() {
   echo "--- /proc/devices"; sed -n '/^Character/,/^$/p' /proc/devices | grep nvidia
   echo "--- /dev"; for d in /dev/nvidia*; do [ -c "$d" ] && echo "$d $(stat -c '%t %T' "$d")"; done
   echo "--- ready"; cat /opt/nvidia-installer/ready 2>/dev/null && echo
+  echo "--- firmware path"; cat /sys/module/firmware_class/parameters/path; echo
   true
 }
 install() { nvidia-installer install --bucket drivers --gardenlinux-version @GL@ --driver-version "$1"; }
 export RUST_LOG=info NO_COLOR=1
+step bare insmod /opt/nvidia-installer/cache/@KERNEL@/@STAND_IN@/modules/nvidia.ko
 step real install @REAL@
 step real-after state
 step stand-in install @STAND_IN@
@@ -216,7 +227,11 @@ fn boot(guest: &Guest, work: &Path, bundles: &[(&str, &Path)]) -> BTreeMap<Strin
         }
     }
     run(Command::new("objcopy").arg("--strip-debug").arg(static_installer()).arg(root.join("bin/nvidia-installer")));
-    let init = INIT.replace("@GL@", GARDENLINUX).replace("@REAL@", DRIVER).replace("@STAND_IN@", STAND_IN);
+    let init = INIT
+        .replace("@GL@", GARDENLINUX)
+        .replace("@REAL@", DRIVER)
+        .replace("@STAND_IN@", STAND_IN)
+        .replace("@KERNEL@", &guest.release);
     std::fs::write(root.join("init"), init).expect("init");
     std::fs::set_permissions(root.join("init"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
 
@@ -327,6 +342,12 @@ fn boot_and_check(release: &str) {
     let steps = boot(&guest, work.path(), &[(DRIVER, &real), (STAND_IN, &stand_in)]);
     let step = |name: &str| steps.get(name).unwrap_or_else(|| panic!("no step {name} in {steps:#?}"));
 
+    // Without the installer, the stand-in's nvidia.ko finds no firmware and does not load: the
+    // kernel looks in /lib/firmware, which does not have it.
+    let (rc, log) = step("bare");
+    assert_ne!(*rc, 0, "{log}");
+    assert!(log.contains(&format!("firmware nvidia/{STAND_IN}/gsp_test.bin not found")), "{log}");
+
     // The real driver on a machine with no GPU: in-tree dependencies loaded by the installer,
     // a clear error, nothing left loaded, no marker.
     let (rc, log) = step("real");
@@ -347,6 +368,9 @@ fn boot_and_check(release: &str) {
     let (rc, log) = step("stand-in");
     assert_eq!(*rc, 0, "{log}");
     assert_eq!(loads(log), vec!["nvidia", "nvidia-uvm", "nvidia-modeset"], "{log}");
+    // With it, the firmware is found where the installer made it findable.
+    assert!(log.contains("GPU firmware findable by the kernel"), "{log}");
+    assert!(log.contains(&format!("firmware nvidia/{STAND_IN}/gsp_test.bin, 21 bytes")), "{log}");
     assert!(log.contains("NVIDIA-SMI stand-in: driver 0.0.1, 1 GPU"), "{log}");
     let (_, after) = step("stand-in-after");
     let mut loaded = section(after, "/proc/modules");
@@ -375,6 +399,7 @@ fn boot_and_check(release: &str) {
         ("/dev/nvidia-uvm-tools", (uvm, 1)),
     ]);
     assert_eq!(nodes, expected, "{after}");
+    assert_eq!(section(after, "firmware path"), vec!["/opt/nvidia-installer/firmware"], "{after}");
     let marker = section(after, "ready").join("\n");
     assert!(marker.contains("\"driverVersion\": \"0.0.1\""), "{after}");
 

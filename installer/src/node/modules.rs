@@ -200,7 +200,9 @@ fn explain_load_error(error: &io::Error) -> String {
         Some(libc::ENODEV) => {
             "the kernel found no NVIDIA GPU for it (No such device; dmesg says NVRM: No NVIDIA GPU found)".to_owned()
         }
-        Some(libc::ENOENT) => "unknown symbol: a module it depends on is not loaded (see dmesg)".to_owned(),
+        Some(libc::ENOENT) => {
+            "a symbol or a firmware file it needs was not found: a module it depends on is not loaded, or its firmware is not where the kernel looks (see dmesg: \"Unknown symbol\" or \"firmware ... not found\")".to_owned()
+        }
         Some(libc::ENOEXEC) => "invalid module format: built for another kernel or configuration".to_owned(),
         Some(libc::EPERM) => "not permitted: the installer needs CAP_SYS_MODULE (a privileged container)".to_owned(),
         Some(libc::EKEYREJECTED) => "the kernel requires signed modules and rejected this one".to_owned(),
