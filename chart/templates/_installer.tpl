@@ -21,6 +21,12 @@ The install step of the installer DaemonSet: an init container, or a main contai
     {{- . | nindent 4 }}
     {{- end }}
     - --modules={{ join "," .Values.nvidiaInstaller.modules }}
+    {{- with .Values.nvidiaInstaller.trustedKeys }}
+    - --trusted-keys={{ join "," . }}
+    {{- end }}
+    {{- if .Values.nvidiaInstaller.allowUnsigned }}
+    - --allow-unsigned
+    {{- end }}
     {{- if .Values.allowCompilation }}
     - --allow-compilation
     - --driver-source={{ include "nvidia-installer.driverSource" . }}

@@ -193,6 +193,42 @@ fn main() {
     println!("  stages' CPU / {cores} cores           {:.2} s", s(cpu_bound));
     println!("speed-up over baseline {:.2}x; time / limit {:.2}", s(baseline) / s(ours), s(ours) / s(limit));
     println!("peak RSS of stage {peak_rss_mib:.1} MiB; cache hit {:.0} ms", cache_hit.as_secs_f64() * 1000.0);
+    signature_cost(&archive);
+}
+
+/// What checking a manifest's signature adds to a stage: the signature file fetched beside the
+/// manifest aside (one small GET), the Ed25519 verification of the manifest's bytes.
+fn signature_cost(archive: &Path) {
+    use base64::Engine as _;
+    use ring::signature::KeyPair as _;
+    use sha2::Digest as _;
+    let manifest = nvidia_installer::bundle::pack::read_inner_manifest(archive).expect("manifest").to_json();
+    // A signify secret key (unencrypted) from a fixed seed.
+    let seed = [7u8; 32];
+    let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(&seed).expect("seed");
+    let mut seckey = seed.to_vec();
+    seckey.extend_from_slice(pair.public_key().as_ref());
+    let mut bytes = b"EdBK\0\0\0\0".to_vec();
+    bytes.extend_from_slice(&[0; 16]);
+    bytes.extend_from_slice(&sha2::Sha512::digest(&seckey)[..8]);
+    bytes.extend_from_slice(&[1; 8]);
+    bytes.extend_from_slice(&seckey);
+    let key =
+        nvidia_installer::bundle::signature::SecretKey::parse(&base64::engine::general_purpose::STANDARD.encode(bytes))
+            .expect("key");
+    let signature = key.sign(&manifest, "bench");
+    let trusted = [key.public()];
+    let rounds = 2000;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        nvidia_installer::bundle::signature::verify(&trusted, &signature, &manifest).expect("verifies");
+    }
+    let each = started.elapsed() / rounds;
+    println!(
+        "signature check of the manifest ({} bytes): {:.1} us per stage ({rounds} rounds)",
+        manifest.len(),
+        each.as_secs_f64() * 1e6
+    );
 }
 
 /// `nvidia-installer stage` as the DaemonSet runs it, against the loopback bucket.

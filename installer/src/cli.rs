@@ -139,6 +139,9 @@ pub struct ModulusArgs {
     /// Keep running after success (a DaemonSet container would otherwise be restarted and build again).
     #[arg(long, env = "NVIDIA_INSTALLER_STAY")]
     pub stay: bool,
+    /// Sign the published manifest with this signify secret key.
+    #[arg(long, env = "NVIDIA_INSTALLER_SIGNING_KEY")]
+    pub signing_key: Option<PathBuf>,
     #[arg(long, env = "NVIDIA_INSTALLER_BUCKET")]
     pub bucket: Option<String>,
     #[command(flatten)]
@@ -178,6 +181,9 @@ pub struct PublishArgs {
     /// Replace an existing bundle.
     #[arg(long, env = "NVIDIA_INSTALLER_FORCE")]
     pub force: bool,
+    /// Sign the manifest with this signify secret key (unencrypted: signify-openbsd -G -n).
+    #[arg(long, env = "NVIDIA_INSTALLER_SIGNING_KEY")]
+    pub signing_key: Option<PathBuf>,
     #[command(flatten)]
     pub s3: S3Args,
 }
@@ -211,6 +217,14 @@ pub struct BundleArgs {
     /// Kernel release; default: the running kernel.
     #[arg(long, env = "KERNEL_RELEASE")]
     pub kernel_release: Option<String>,
+    /// Public keys (signify .pub files' base64 lines) one of which must have signed a bundle's
+    /// manifest; several, comma-separated, while keys are rotated. None: signatures are not checked.
+    #[arg(long, env = "NVIDIA_INSTALLER_TRUSTED_KEYS", value_delimiter = ',')]
+    pub trusted_keys: Vec<String>,
+    /// With trusted keys: still accept bundles that carry no signature (and the original
+    /// system's, which have none).
+    #[arg(long, env = "NVIDIA_INSTALLER_ALLOW_UNSIGNED")]
+    pub allow_unsigned: bool,
 }
 
 /// The bucket. Credentials come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the default chain.

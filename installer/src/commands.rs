@@ -12,6 +12,7 @@ use tracing::info;
 use crate::bundle::archive::Limits;
 use crate::bundle::manifest::ArchiveEntry;
 use crate::bundle::pack::{self, BundleInfo};
+use crate::bundle::signature::{PublicKey, SecretKey};
 use crate::cli::{
     CompileArgs, DevServeArgs, DriverSourceArgs, GcArgs, InstallArgs, ModulusArgs, PackArgs, PublishArgs, StageArgs,
     StatusArgs, WaitArgs, given,
@@ -21,7 +22,7 @@ use crate::compiler::fifo::{self, Pipes};
 use crate::compiler::publish;
 use crate::node::install::{self, InstallRequest};
 use crate::node::kernel::HostKernel;
-use crate::node::stage::{self, StageRequest};
+use crate::node::stage::{self, StageRequest, Trust};
 use crate::node::{api::Reporter, gc, gpus, ready, status};
 use crate::s3::Bucket;
 use crate::{Error, Result};
@@ -127,8 +128,16 @@ pub fn pack(args: &PackArgs) -> Result<()> {
 
 pub async fn publish(args: &PublishArgs) -> Result<()> {
     let bucket = Bucket::connect(&args.s3.options()).await?;
-    let published =
-        publish::publish(&bucket, &args.bundle, &args.gardenlinux_version, args.force, &args.s3.transfer()).await?;
+    let key = signing_key(&args.signing_key)?;
+    let published = publish::publish(
+        &bucket,
+        &args.bundle,
+        &args.gardenlinux_version,
+        args.force,
+        key.as_ref(),
+        &args.s3.transfer(),
+    )
+    .await?;
     report_published(&bucket, &published);
     Ok(())
 }
@@ -192,8 +201,10 @@ pub async fn modulus(args: &ModulusArgs) -> Result<()> {
     println!("{}", answer.log.trim_end());
     if let Some((gardenlinux, bucket)) = publish_to {
         let bucket = Bucket::connect(&args.endpoint.options(&bucket)).await?;
+        let key = signing_key(&args.signing_key)?;
         let published =
-            publish::publish(&bucket, &request.output, &gardenlinux, args.force, &Default::default()).await?;
+            publish::publish(&bucket, &request.output, &gardenlinux, args.force, key.as_ref(), &Default::default())
+                .await?;
         report_published(&bucket, &published);
     }
     stay_if_asked(args.stay).await
@@ -259,7 +270,24 @@ pub fn stage_request(args: &StageArgs) -> Result<StageRequest> {
         transfer: args.s3.transfer(),
         limits: Limits::default(),
         flavors: gpus::flavors_for(&gpus::nvidia_gpus(&layout), Flavor::Auto)?,
+        trust: trust(&args.bundle.trusted_keys, args.bundle.allow_unsigned)?,
     })
+}
+
+/// The trusted keys the flags name; `None` when there are none.
+pub fn trust(keys: &[String], allow_unsigned: bool) -> Result<Option<Trust>> {
+    let keys: Vec<PublicKey> = keys
+        .iter()
+        .map(|k| k.trim())
+        .filter(|k| !k.is_empty())
+        .map(|k| PublicKey::parse(k).map_err(|reason| Error::Signature { what: format!("trusted key {k:?}"), reason }))
+        .collect::<Result<_>>()?;
+    Ok((!keys.is_empty()).then_some(Trust { keys, allow_unsigned }))
+}
+
+/// The signing key a flag names.
+fn signing_key(path: &Option<PathBuf>) -> Result<Option<SecretKey>> {
+    given(path).map(|p| SecretKey::read(&p)).transpose()
 }
 
 /// The kernel release: the flag, else the running kernel.

@@ -74,6 +74,8 @@ pub enum Error {
     Build { kernel: String, error: String, log: PathBuf },
     #[error("patch {patch} does not apply: {reason}")]
     Patch { patch: PathBuf, reason: String },
+    #[error("signature of {what}: {reason}")]
+    Signature { what: String, reason: String },
     #[error("kernel module flavor: {reason}")]
     Flavor { reason: String },
     #[error("GPU firmware: {reason}")]

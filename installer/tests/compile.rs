@@ -274,7 +274,7 @@ async fn real_open_modules_for_debian_6_1_publish_and_stage() {
     let server = S3Server::start();
     server.create_bucket(BUCKET);
     let client = nvidia_installer::s3::Bucket::connect(&options(&server)).await.expect("client");
-    nvidia_installer::compiler::publish::publish(&client, &out, GARDENLINUX, false, &Default::default())
+    nvidia_installer::compiler::publish::publish(&client, &out, GARDENLINUX, false, None, &Default::default())
         .await
         .expect("publish");
     let host_dir = tempfile::tempdir().expect("host");

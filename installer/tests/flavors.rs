@@ -44,7 +44,7 @@ async fn publish_flavor(server: &S3Server, work: &Path, flavor: &str) {
     let out = work.join(format!("{flavor}.tar.zst"));
     nvidia_installer::bundle::pack::pack(&dir, &manifest, &out, 3).expect("pack");
     let bucket = nvidia_installer::s3::Bucket::connect(&options(server)).await.expect("bucket");
-    nvidia_installer::compiler::publish::publish(&bucket, &out, GARDENLINUX, false, &Default::default())
+    nvidia_installer::compiler::publish::publish(&bucket, &out, GARDENLINUX, false, None, &Default::default())
         .await
         .expect("publish");
 }

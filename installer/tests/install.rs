@@ -228,7 +228,7 @@ async fn publish_needing_drm() -> (S3Server, tempfile::TempDir) {
     let out = work.path().join("b.tar.zst");
     pack_bundle(&dir, KERNEL, DRIVER, &out);
     let client = nvidia_installer::s3::Bucket::connect(&options(&server)).await.expect("client");
-    nvidia_installer::compiler::publish::publish(&client, &out, GARDENLINUX, false, &Default::default())
+    nvidia_installer::compiler::publish::publish(&client, &out, GARDENLINUX, false, None, &Default::default())
         .await
         .expect("publish");
     (server, work)
@@ -393,7 +393,7 @@ async fn publish_with_firmware(server: &S3Server, work: &std::path::Path) -> Vec
     let manifest = pack_bundle(&dir, KERNEL, DRIVER, &out);
     assert!(manifest.files.contains_key(&format!("firmware/nvidia/{DRIVER}/gsp_tu10x.bin")), "listed with its digest");
     let bucket = nvidia_installer::s3::Bucket::connect(&options(server)).await.expect("bucket");
-    nvidia_installer::compiler::publish::publish(&bucket, &out, GARDENLINUX, false, &Default::default())
+    nvidia_installer::compiler::publish::publish(&bucket, &out, GARDENLINUX, false, None, &Default::default())
         .await
         .expect("publish");
     bytes

@@ -133,6 +133,7 @@ async fn wait_times_out_with_a_reason_and_returns_when_the_marker_appears() {
         ready_at: nvidia_installer::node::ready::now_rfc3339(),
         boot_id: layout.boot_id(),
         bundle: format!("cache/{KERNEL}/{DRIVER}"),
+        signed_by: None,
     };
     nvidia_installer::node::ready::write_marker(&layout, &marker).expect("marker");
     let output = child.wait_with_output().expect("wait");

@@ -17,7 +17,7 @@ async fn publishes_manifest_last_and_refuses_to_overwrite() {
     let out = work.path().join("bundle.tar.zst");
     pack_bundle(&dir, KERNEL, DRIVER, &out);
     let client = nvidia_installer::s3::Bucket::connect(&options(&server)).await.expect("client");
-    let published = publish(&client, &out, GARDENLINUX, false, &Transfer::default()).await.expect("publish");
+    let published = publish(&client, &out, GARDENLINUX, false, None, &Transfer::default()).await.expect("publish");
     let keys = BundleKeys::new(GARDENLINUX, KERNEL, DRIVER).expect("valid names");
     assert_eq!(published.archive_key, keys.archive);
     assert_eq!(server.get_object(BUCKET, &keys.archive).expect("archive"), std::fs::read(&out).expect("read"));
@@ -31,15 +31,16 @@ async fn publishes_manifest_last_and_refuses_to_overwrite() {
     assert!(puts.last().expect("puts").path.ends_with(".manifest.json"), "manifest last: {puts:?}");
 
     // The very same bundle again is a no-op; another bundle under the same keys is refused.
-    let again = publish(&client, &out, GARDENLINUX, false, &Transfer::default()).await.expect("same bundle");
+    let again = publish(&client, &out, GARDENLINUX, false, None, &Transfer::default()).await.expect("same bundle");
     assert!(again.unchanged);
     let other_dir = work.path().join("other");
     let other = driver_dir(&other_dir, KERNEL, DRIVER, 1 << 20);
     let other_out = work.path().join("other.tar.zst");
     pack_bundle(&other, KERNEL, DRIVER, &other_out);
-    let error = publish(&client, &other_out, GARDENLINUX, false, &Transfer::default()).await.expect_err("overwrite");
+    let error =
+        publish(&client, &other_out, GARDENLINUX, false, None, &Transfer::default()).await.expect_err("overwrite");
     assert!(error.to_string().contains("describes another bundle") && error.to_string().contains("--force"), "{error}");
-    let forced = publish(&client, &other_out, GARDENLINUX, true, &Transfer::default()).await.expect("forced");
+    let forced = publish(&client, &other_out, GARDENLINUX, true, None, &Transfer::default()).await.expect("forced");
     assert!(!forced.unchanged);
 }
 
@@ -55,7 +56,7 @@ async fn a_failed_upload_leaves_no_manifest() {
     let keys = BundleKeys::new(GARDENLINUX, KERNEL, DRIVER).expect("valid names");
 
     server.faults().inject_suffix_times(Method::PUT, ".tar.zst", Fault::InternalError, 10);
-    let error = publish(&client, &out, GARDENLINUX, false, &Transfer::default()).await.expect_err("upload fails");
+    let error = publish(&client, &out, GARDENLINUX, false, None, &Transfer::default()).await.expect_err("upload fails");
     // The bundle goes up under its flavor's keys first.
     let flavored = BundleKeys::flavored(GARDENLINUX, KERNEL, DRIVER, "open").expect("valid names");
     assert!(error.to_string().contains(&flavored.archive), "{error}");
@@ -64,9 +65,9 @@ async fn a_failed_upload_leaves_no_manifest() {
     server.faults().clear();
 
     // Replacing: the old manifest goes first, so a failure leaves none rather than a stale one.
-    publish(&client, &out, GARDENLINUX, false, &Transfer::default()).await.expect("publish");
+    publish(&client, &out, GARDENLINUX, false, None, &Transfer::default()).await.expect("publish");
     server.faults().inject_suffix_times(Method::PUT, ".tar.zst", Fault::InternalError, 10);
-    publish(&client, &out, GARDENLINUX, true, &Transfer::default()).await.expect_err("forced upload fails");
+    publish(&client, &out, GARDENLINUX, true, None, &Transfer::default()).await.expect_err("forced upload fails");
     assert!(server.get_object(BUCKET, &keys.manifest).is_none());
 }
 
@@ -94,7 +95,7 @@ async fn a_refused_forced_publish_leaves_the_bucket_as_it_was() {
     nvidia_installer::bundle::pack::pack(&dir, &manifest, &out, 3).expect("pack");
     let bucket = nvidia_installer::s3::Bucket::connect(&options(&server)).await.expect("bucket");
     let requests = server.log().entries().len();
-    let error = publish(&bucket, &out, GARDENLINUX, true, &Transfer::default()).await.expect_err("refused");
+    let error = publish(&bucket, &out, GARDENLINUX, true, None, &Transfer::default()).await.expect_err("refused");
     assert!(error.to_string().contains("packed for Garden Linux 1592.9, not 1877.3"), "{error}");
     assert_eq!(server.log().entries().len(), requests, "the bucket was not asked anything");
     assert_eq!((server.get_object(BUCKET, &keys.manifest), server.get_object(BUCKET, &keys.archive)), before);
@@ -124,7 +125,7 @@ async fn a_bundle_that_would_not_stage_is_not_published_even_with_force() {
 
     let bucket = nvidia_installer::s3::Bucket::connect(&options(&server)).await.expect("bucket");
     let requests = server.log().entries().len();
-    let error = publish(&bucket, &out, GARDENLINUX, true, &Transfer::default()).await.expect_err("refused");
+    let error = publish(&bucket, &out, GARDENLINUX, true, None, &Transfer::default()).await.expect_err("refused");
     assert!(error.to_string().contains("bin/nvidia-smi") && error.to_string().contains("sha256 mismatch"), "{error}");
     assert_eq!(server.log().entries().len(), requests, "the bucket was not asked anything");
     assert_eq!(server.get_object(BUCKET, &keys.manifest), before, "the live bundle stays");

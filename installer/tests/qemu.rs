@@ -257,6 +257,7 @@ fn boot(guest: &Guest, work: &Path, bundles: &[(&str, &Path)]) -> BTreeMap<Strin
                 bundle,
                 GARDENLINUX,
                 false,
+                None,
                 &Default::default(),
             ))
             .expect("publish");

@@ -339,6 +339,7 @@ async fn a_newer_bundle_waits_beside_a_ready_driver() {
         ready_at: nvidia_installer::node::ready::now_rfc3339(),
         boot_id: layout.boot_id(),
         bundle: String::new(),
+        signed_by: None,
     };
     nvidia_installer::node::ready::write_marker(&layout, &marker).expect("marker");
     let newer = stage(&layout, &request(&server, KERNEL, "550.163.01")).await.expect("stage newer");

@@ -898,3 +898,42 @@ def test_the_images_hold_what_the_chart_runs(case: str) -> None:
             assert f"/usr/local/bin/{program}" in copied, f"{key} image lacks {program} on PATH"
         assert image_user == "65532:65532"
         assert user in (None, 0, 65532)
+
+
+# --- signed bundles ---------------------------------------------------------------------------------
+
+PUBLIC_KEY = "RWRxzjF94ieO6GKcSPXFQ+E5K+DqTo2NNgCecc1DNHiWtriDMEKU0X3Z"
+ROTATED_KEY = "RWQfR7xS3qY5W4m7n8o9p0a1b2c3d4e5f6g7h8i9j0k1l2m3n4o5p6q7"
+
+
+def test_trusted_keys_reach_the_install_step() -> None:
+    objs = render.render([REQUIRED], [f"nvidiaInstaller.trustedKeys={{{PUBLIC_KEY},{ROTATED_KEY}}}",
+                                      "nvidiaInstaller.allowUnsigned=true"])
+    install = container(one(objs, "DaemonSet", "installer"), "initContainers", "install")
+    assert f"--trusted-keys={PUBLIC_KEY},{ROTATED_KEY}" in install["args"]
+    assert "--allow-unsigned" in install["args"]
+    # The seed's values set none: signatures are not checked, as in the original system.
+    seed = container(one(objects(SEED_INSTALLER), "DaemonSet", "installer"), "initContainers", "install")
+    assert not any(a.startswith("--trusted-keys") or a == "--allow-unsigned" for a in seed["args"])
+
+
+def test_the_signing_key_reaches_modulus_only() -> None:
+    objs = render.render(CASES[SEED_COMPILER], ["compiler.signingKeySecret=nvidia-bundle-signing"])
+    compiler = one(objs, "DaemonSet", "compiler")
+    spec = compiler["spec"]["template"]["spec"]
+    [volume] = [v for v in spec["volumes"] if v["name"] == "signing-key"]
+    assert volume["secret"] == {"secretName": "nvidia-bundle-signing", "defaultMode": 0o400,
+                                "items": [{"key": "signing.key", "path": "signing.key"}]}
+    for _, c in containers(compiler):
+        mounts = [m["name"] for m in c.get("volumeMounts", [])]
+        assert ("signing-key" in mounts) == (c["name"] == "modulus"), c["name"]
+    modulus = container(compiler, "containers", "modulus")
+    assert "--signing-key=/signing/signing.key" in modulus["args"]
+    # The installer instance never has it.
+    installer_objs = objects(SEED_INSTALLER)
+    assert "nvidia-bundle-signing" not in yaml.safe_dump_all(installer_objs)
+
+
+def test_trusted_keys_must_look_like_signify_public_keys() -> None:
+    with pytest.raises(helm.HelmValuesError):
+        render.render_templates({"nvidiaInstaller": {"trustedKeys": ["not a key"]}})

@@ -95,7 +95,7 @@ pub async fn publish_sample(
     let options = s3_options(server, bucket);
     let client = nvidia_installer::s3::Bucket::connect(&options).await.expect("s3 client");
     let gardenlinux = info.gardenlinux_version.as_deref().expect("a Garden Linux version");
-    nvidia_installer::compiler::publish::publish(&client, &bundle, gardenlinux, false, &Transfer::default())
+    nvidia_installer::compiler::publish::publish(&client, &bundle, gardenlinux, false, None, &Transfer::default())
         .await
         .expect("publish");
     options

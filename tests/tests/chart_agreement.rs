@@ -280,6 +280,7 @@ async fn the_rendered_commands_run_as_the_binaries_expect() {
         ready_at: nvidia_installer::node::ready::now_rfc3339(),
         boot_id: Some("0d5e6c2a-1111-4bd6-9a57-1f2b3c4d5e6f".into()),
         bundle: format!("cache/{KERNEL}/{DRIVER}"),
+        signed_by: None,
     };
     let layout = nvidia_contract::layout::Layout::new(&host, "/opt/nvidia-installer");
     nvidia_installer::node::ready::write_marker(&layout, &marker).expect("marker");

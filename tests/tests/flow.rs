@@ -137,6 +137,7 @@ async fn the_injected_init_container_waits_for_install_and_refuses_another_pinne
             transfer: Transfer::default(),
             limits: Default::default(),
             flavors: None,
+            trust: None,
         },
         modules: vec!["nvidia".into(), "nvidia-uvm".into(), "nvidia-modeset".into()],
         compile: None,
@@ -182,6 +183,7 @@ async fn the_injected_mounts_resolve_to_the_current_bundle() {
         transfer: Transfer::default(),
         limits: Default::default(),
         flavors: None,
+        trust: None,
     };
     nvidia_installer::node::stage::stage(&layout, &request).await.expect("stage");
 

@@ -273,6 +273,7 @@ async fn node_with_bundle(work: &Path) -> (S3Server, nvidia_installer::node::ins
             transfer: Default::default(),
             limits: Default::default(),
             flavors: None,
+            trust: None,
         },
         modules: vec!["nvidia".into(), "nvidia-uvm".into(), "nvidia-modeset".into()],
         compile: None,

@@ -6,6 +6,7 @@ pub mod archive;
 pub mod manifest;
 pub mod modinfo;
 pub mod pack;
+pub mod signature;
 
 use std::fs::File;
 use std::path::Path;

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use tracing::info;
 
 use crate::bundle::manifest::Manifest;
+use crate::bundle::signature::{self, SecretKey};
 use crate::s3::{self, Bucket, BundleKeys, Transfer};
 use crate::{Error, Result};
 
@@ -48,6 +49,7 @@ pub async fn publish(
     bundle: &Path,
     gardenlinux: &str,
     force: bool,
+    signing: Option<&SecretKey>,
     transfer: &Transfer,
 ) -> Result<Published> {
     let (client, bucket) = (&bucket.client, bucket.name.as_str());
@@ -75,13 +77,33 @@ pub async fn publish(
     if !force {
         let same = |published: &Option<Manifest>| published.as_ref() == Some(&manifest);
         if same(&published_flavor) && (!write_plain || same(&published_plain)) {
-            info!(bucket, key = %flavored.archive, "this very bundle is already published; nothing to do");
             let keys = if write_plain { &plain } else { &flavored };
+            let mut manifests = vec![&flavored.manifest];
+            if write_plain {
+                manifests.push(&plain.manifest);
+            }
+            let mut signed = true;
+            for key in &manifests {
+                signed &= signed_with(client, bucket, key, &manifest, signing, transfer).await?;
+            }
+            if signed {
+                info!(bucket, key = %flavored.archive, "this very bundle is already published; nothing to do");
+                return Ok(Published {
+                    archive_key: keys.archive.clone(),
+                    manifest_key: keys.manifest.clone(),
+                    manifest,
+                    unchanged: true,
+                });
+            }
+            // The same bundle, not yet signed with this key: sign its manifests, keep the archives.
+            for key in manifests {
+                put_manifest(client, bucket, key, &manifest, signing).await?;
+            }
             return Ok(Published {
                 archive_key: keys.archive.clone(),
                 manifest_key: keys.manifest.clone(),
                 manifest,
-                unchanged: true,
+                unchanged: false,
             });
         }
         for (published, keys) in [(&published_flavor, &flavored), (&published_plain, &plain)] {
@@ -129,7 +151,7 @@ pub async fn publish(
             .await
             .map_err(|e| Error::s3("PUT", bucket, &flavored.archive, e.to_string()))?;
     }
-    put_manifest(client, bucket, &flavored.manifest, &manifest).await?;
+    put_manifest(client, bucket, &flavored.manifest, &manifest, signing).await?;
     if !write_plain {
         info!(bucket, key = %plain.manifest, flavor = %manifest.flavor, "the plain keys hold the other flavor; left as they are");
         return Ok(Published {
@@ -148,17 +170,57 @@ pub async fn publish(
         .send()
         .await
         .map_err(|e| Error::s3("COPY", bucket, &plain.archive, e.to_string()))?;
-    put_manifest(client, bucket, &plain.manifest, &manifest).await?;
+    put_manifest(client, bucket, &plain.manifest, &manifest, signing).await?;
     Ok(Published { archive_key: plain.archive, manifest_key: plain.manifest, manifest, unchanged: false })
 }
 
-async fn put_manifest(client: &Client, bucket: &str, key: &str, manifest: &Manifest) -> Result<()> {
+/// Whether the manifest at `key` carries a signature by `signing` (always, when not signing).
+async fn signed_with(
+    client: &Client,
+    bucket: &str,
+    key: &str,
+    manifest: &Manifest,
+    signing: Option<&SecretKey>,
+    transfer: &Transfer,
+) -> Result<bool> {
+    let Some(signing) = signing else { return Ok(true) };
+    let Some(bytes) = s3::get_small(client, bucket, &signature::key_of(key), 64 << 10, transfer).await? else {
+        return Ok(false);
+    };
+    Ok(signature::verify(&[signing.public()], &String::from_utf8_lossy(&bytes), &manifest.to_json()).is_ok())
+}
+
+/// Write a manifest, its signature first when signing: a reader that sees the manifest sees its
+/// signature.
+async fn put_manifest(
+    client: &Client,
+    bucket: &str,
+    key: &str,
+    manifest: &Manifest,
+    signing: Option<&SecretKey>,
+) -> Result<()> {
+    let bytes = manifest.to_json();
+    if let Some(signing) = signing {
+        let signature_key = signature::key_of(key);
+        let comment = format!("verify with signify-openbsd -V -p <key {}>.pub -m {key} -x {signature_key}", signing.id);
+        client
+            .put_object()
+            .bucket(bucket)
+            .key(&signature_key)
+            .content_type("text/plain")
+            .body(ByteStream::from(signing.sign(&bytes, &comment).into_bytes()))
+            .checksum_algorithm(ChecksumAlgorithm::Sha256)
+            .send()
+            .await
+            .map_err(|e| Error::s3("PUT", bucket, &signature_key, e.to_string()))?;
+        info!(bucket, key = %signature_key, signed_by = %signing.id, "manifest signed");
+    }
     client
         .put_object()
         .bucket(bucket)
         .key(key)
         .content_type("application/json")
-        .body(ByteStream::from(manifest.to_json()))
+        .body(ByteStream::from(bytes))
         .checksum_algorithm(ChecksumAlgorithm::Sha256)
         .send()
         .await

@@ -42,7 +42,10 @@ pub fn cached(bundle: &Path) -> Result<Manifest, String> {
         } else if kind.is_dir() {
             listed.iter().any(|l| l.starts_with(relative) && l != relative)
         } else {
-            kind.is_file() && (manifest.files.contains_key(name.as_ref()) || name == manifest::FILE_NAME)
+            kind.is_file()
+                && (manifest.files.contains_key(name.as_ref())
+                    || name == manifest::FILE_NAME
+                    || name == crate::node::stage::SIGNATURE_FILE)
         };
         if !fits {
             return Err(format!("{name} is not what the manifest lists there"));
@@ -115,6 +118,9 @@ pub struct StagedBundle {
     pub path: PathBuf,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// The key number of the signature kept beside the manifest (as staged; checked then).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signed_by: Option<String>,
 }
 
 /// Bundles under `cache/<kernel>/<driver>/` with a readable manifest.
@@ -129,8 +135,12 @@ pub fn staged(layout: &Layout) -> Vec<StagedBundle> {
                     kernel_release: manifest.kernel_release,
                     driver_version: manifest.driver_version,
                     flavor: manifest.flavor,
-                    path: driver.path(),
                     sha256: manifest.archive.map(|a| a.sha256),
+                    signed_by: std::fs::read_to_string(driver.path().join(crate::node::stage::SIGNATURE_FILE))
+                        .ok()
+                        .and_then(|text| crate::bundle::signature::signer(&text))
+                        .map(|k| k.to_string()),
+                    path: driver.path(),
                 });
             }
         }

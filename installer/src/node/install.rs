@@ -43,8 +43,10 @@ pub async fn install(
                     driver_version: driver,
                     reason: "DriverReady".to_owned(),
                     message: format!(
-                        "NVIDIA driver {} ready for kernel {}",
-                        marker.driver_version, marker.kernel_release
+                        "NVIDIA driver {} ready for kernel {}{}",
+                        marker.driver_version,
+                        marker.kernel_release,
+                        marker.signed_by.as_ref().map(|k| format!(" (bundle signed by key {k})")).unwrap_or_default()
                     ),
                 })
                 .await;
@@ -129,6 +131,7 @@ async fn install_locked(layout: &Layout, request: &InstallRequest, kernel: &dyn 
             ready_at: ready::now_rfc3339(),
             boot_id: layout.boot_id(),
             bundle: Layout::bundle_relative(kernel_release, wanted).display().to_string(),
+            signed_by: staged.signed_by.map(|k| k.to_string()),
         };
         ready::write_marker(layout, &marker)?;
         Ok(marker)

@@ -25,6 +25,9 @@ pub struct ReadyMarker {
     /// The bundle directory, relative to the driver root.
     #[serde(default)]
     pub bundle: String,
+    /// The trusted key whose signature the bundle carried (its key number, hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_by: Option<String>,
 }
 
 /// Why the last install failed.

@@ -18,6 +18,7 @@ use tracing::{info, warn};
 
 use crate::bundle::archive::{self, Limits, PathMap};
 use crate::bundle::manifest::{self, ArchiveEntry, Manifest, Module};
+use crate::bundle::signature::{self, KeyId, PublicKey};
 use crate::node::lock::HostLock;
 use crate::node::{cache, ready};
 use crate::s3::{self, BundleKeys, S3Options, Transfer};
@@ -37,7 +38,20 @@ pub struct StageRequest {
     /// The kernel-module flavors that can drive this node's GPUs, best first
     /// ([`gpus::flavors_for`](crate::node::gpus::flavors_for)); `None`: any.
     pub flavors: Option<Vec<String>>,
+    /// Whose signatures a bundle must carry; `None`: signatures are not checked.
+    pub trust: Option<Trust>,
 }
+
+/// The keys bundles must be signed with ([`signature`]).
+#[derive(Debug, Clone)]
+pub struct Trust {
+    pub keys: Vec<PublicKey>,
+    /// Accept bundles without a signature (and the original system's, which have none).
+    pub allow_unsigned: bool,
+}
+
+/// The signature file kept beside a staged bundle's manifest.
+pub const SIGNATURE_FILE: &str = "manifest.json.sig";
 
 /// What staging did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +63,8 @@ pub struct Staged {
     /// `current` now points at this bundle. When false, `held_back_by` names the ready driver.
     pub current: bool,
     pub held_back_by: Option<String>,
+    /// The trusted key whose signature the bundle carries.
+    pub signed_by: Option<KeyId>,
 }
 
 /// Stage the bundle, holding the host lock throughout.
@@ -63,24 +79,24 @@ pub async fn stage_locked(layout: &Layout, request: &StageRequest) -> Result<Sta
     clean_leftovers(layout)?;
     let bundle = layout.bundle(&request.kernel_release, &request.driver_version);
     let cached = cache::cached(&bundle).and_then(|manifest| {
-        if takes(request, &manifest.flavor) {
-            Ok(manifest)
-        } else {
-            Err(format!("it holds the {} modules, which cannot drive this node's GPUs", manifest.flavor))
+        if !takes(request, &manifest.flavor) {
+            return Err(format!("it holds the {} modules, which cannot drive this node's GPUs", manifest.flavor));
         }
+        let signed_by = cached_signature(&bundle, request)?;
+        Ok((manifest, signed_by))
     });
-    let (manifest, downloaded_from) = match cached {
-        Ok(manifest) => {
+    let (manifest, downloaded_from, signed_by) = match cached {
+        Ok((manifest, signed_by)) => {
             info!(bundle = %bundle.display(), "cache hit: bundle already staged and verified");
-            (manifest, None)
+            (manifest, None, signed_by)
         }
         Err(reason) => {
             if std::fs::symlink_metadata(&bundle).is_ok() {
                 warn!(bundle = %bundle.display(), %reason, "cached bundle is incomplete or modified; staging it again");
                 remove_bundle(&bundle)?;
             }
-            let (manifest, key) = download_and_publish(layout, request, &bundle).await?;
-            (manifest, Some(key))
+            let (manifest, key, signed_by) = download_and_publish(layout, request, &bundle).await?;
+            (manifest, Some(key), signed_by)
         }
     };
     let (current, held_back_by) = switch_current(layout, request)?;
@@ -91,7 +107,19 @@ pub async fn stage_locked(layout: &Layout, request: &StageRequest) -> Result<Sta
         elapsed_ms = started.elapsed().as_millis() as u64,
         "staged"
     );
-    Ok(Staged { bundle, manifest, downloaded_from, current, held_back_by })
+    Ok(Staged { bundle, manifest, downloaded_from, current, held_back_by, signed_by })
+}
+
+/// With trusted keys, a cached bundle is used again only when the signature kept beside its
+/// manifest still verifies (or unsigned bundles are allowed).
+fn cached_signature(bundle: &Path, request: &StageRequest) -> std::result::Result<Option<KeyId>, String> {
+    let Some(trust) = &request.trust else { return Ok(None) };
+    let manifest = std::fs::read(bundle.join(manifest::FILE_NAME)).map_err(|e| e.to_string())?;
+    match std::fs::read_to_string(bundle.join(SIGNATURE_FILE)) {
+        Ok(text) => signature::verify(&trust.keys, &text, &manifest).map(Some),
+        Err(_) if trust.allow_unsigned => Ok(None),
+        Err(_) => Err("it carries no signature, and trusted keys are configured".to_owned()),
+    }
 }
 
 /// Remove a cached bundle that failed its check (a file or link in its place included).
@@ -126,6 +154,10 @@ struct Located {
     etag: Option<String>,
     expected: Option<Manifest>,
     map: PathMap,
+    /// The manifest's bytes as stored, and their signature file, kept beside the staged bundle.
+    raw_manifest: Option<Vec<u8>>,
+    signature: Option<String>,
+    signed_by: Option<KeyId>,
 }
 
 /// Whether `flavor` is one `request` takes.
@@ -162,6 +194,12 @@ async fn locate(client: &aws_sdk_s3::Client, request: &StageRequest) -> Result<L
     }
     if let Some((size, etag)) = s3::head(client, bucket, &plain.legacy, &request.transfer).await? {
         // The original system built the .run's default, the proprietary modules below the 560 branch.
+        if request.trust.as_ref().is_some_and(|t| !t.allow_unsigned) {
+            return Err(Error::Signature {
+                what: format!("s3://{bucket}/{}", plain.legacy),
+                reason: "the original system's bundles carry no signature, and trusted keys are configured: publish a signed bundle, or allow unsigned ones (nvidiaInstaller.allowUnsigned)".to_owned(),
+            });
+        }
         if takes(request, "proprietary") {
             warn!(bucket, key = %plain.legacy, "using the original system's bundle layout: it has no manifest, so only its integrity in transit is checked");
             return Ok(Located {
@@ -170,6 +208,9 @@ async fn locate(client: &aws_sdk_s3::Client, request: &StageRequest) -> Result<L
                 etag,
                 expected: None,
                 map: PathMap::Legacy { kernel: request.kernel_release.clone() },
+                raw_manifest: None,
+                signature: None,
+                signed_by: None,
             });
         }
         unfit.push(format!("{} holds the original system's (proprietary) modules", plain.legacy));
@@ -200,6 +241,8 @@ async fn locate_keys(
     let transfer = &request.transfer;
     if let Some(bytes) = s3::get_small(client, bucket, &keys.manifest, 16 << 20, transfer).await? {
         let source = format!("s3://{bucket}/{}", keys.manifest);
+        // Before anything else is read: whose manifest this is.
+        let (signature, signed_by) = check_signature(client, request, &keys.manifest, &bytes).await?;
         let expected = Manifest::parse(&bytes, &source)?;
         if expected.driver_version != request.driver_version || expected.kernel_release != request.kernel_release {
             return Err(Error::Manifest {
@@ -230,12 +273,50 @@ async fn locate_keys(
             etag,
             expected: Some(expected),
             map: PathMap::Bundle,
+            raw_manifest: Some(bytes),
+            signature,
+            signed_by,
         }));
     }
     Ok(None)
 }
 
-async fn download_and_publish(layout: &Layout, request: &StageRequest, bundle: &Path) -> Result<(Manifest, String)> {
+/// With trusted keys: the manifest's signature (`<manifest key>.sig`) must verify with one of them,
+/// or be absent where unsigned bundles are allowed. Returns the signature file and its key.
+async fn check_signature(
+    client: &aws_sdk_s3::Client,
+    request: &StageRequest,
+    manifest_key: &str,
+    manifest: &[u8],
+) -> Result<(Option<String>, Option<KeyId>)> {
+    let Some(trust) = &request.trust else { return Ok((None, None)) };
+    let bucket = &request.s3.bucket;
+    let key = signature::key_of(manifest_key);
+    let refuse = |reason: String| Error::Signature { what: format!("s3://{bucket}/{manifest_key}"), reason };
+    match s3::get_small(client, bucket, &key, 64 << 10, &request.transfer).await? {
+        Some(bytes) => {
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            let id = signature::verify(&trust.keys, &text, manifest).map_err(refuse)?;
+            info!(bucket, key = manifest_key, signed_by = %id, "manifest signature verified");
+            Ok((Some(text), Some(id)))
+        }
+        None if trust.allow_unsigned => {
+            warn!(
+                bucket,
+                key = manifest_key,
+                "the bundle is not signed; using it because unsigned bundles are allowed"
+            );
+            Ok((None, None))
+        }
+        None => Err(refuse(format!("not signed (no {key}), and trusted keys are configured"))),
+    }
+}
+
+async fn download_and_publish(
+    layout: &Layout,
+    request: &StageRequest,
+    bundle: &Path,
+) -> Result<(Manifest, String, Option<KeyId>)> {
     let client = s3::client(&request.s3).await?;
     let located = locate(&client, request).await?;
     let bucket = request.s3.bucket.clone();
@@ -259,7 +340,7 @@ async fn download_and_publish(layout: &Layout, request: &StageRequest, bundle: &
         synced_ms = started.elapsed().as_millis() as u64 - extracted_ms,
         "downloaded, verified and published"
     );
-    Ok((manifest, located.key))
+    Ok((manifest, located.key, located.signed_by))
 }
 
 fn new_staging(layout: &Layout, request: &StageRequest) -> Result<PathBuf> {
@@ -303,12 +384,16 @@ pub async fn stage_archive_locked(layout: &Layout, request: &StageRequest, archi
     let size = std::fs::metadata(archive_path).map_err(|e| Error::io("reading", archive_path, e))?.len();
     let expected =
         Manifest { archive: Some(ArchiveEntry { sha256: bundle::sha256_file(archive_path)?, size }), ..inner };
+    // Built on this node (allowCompilation): its own work, not a bucket's.
     let located = Located {
         key: archive_path.display().to_string(),
         size,
         etag: None,
         expected: Some(expected),
         map: PathMap::Bundle,
+        raw_manifest: None,
+        signature: None,
+        signed_by: None,
     };
     let source = archive_path.display().to_string();
     let bundle = layout.bundle(&request.kernel_release, &request.driver_version);
@@ -338,7 +423,7 @@ pub async fn stage_archive_locked(layout: &Layout, request: &StageRequest, archi
         .and_then(|(extracted, sha256)| verify_and_complete(request, &located, &staging, extracted, sha256, &source));
     let manifest = publish_staged(layout, &staging, &bundle, result)?;
     let (current, held_back_by) = switch_current(layout, request)?;
-    Ok(Staged { bundle, manifest, downloaded_from: None, current, held_back_by })
+    Ok(Staged { bundle, manifest, downloaded_from: None, current, held_back_by, signed_by: None })
 }
 
 /// Reads the downloaded parts in order, in place (a `BufRead`: the decoder reads the parts'
@@ -480,7 +565,12 @@ fn verify_and_complete(
     if !lib64.exists() && staging.join("lib").is_dir() {
         std::os::unix::fs::symlink("lib", &lib64).map_err(|e| Error::io("linking", &lib64, e))?;
     }
-    durable::write_atomic(&staging.join(manifest::FILE_NAME), &manifest.to_json())?;
+    // The manifest as it was stored (and signed), so that a cache hit can check its signature.
+    let bytes = located.raw_manifest.clone().unwrap_or_else(|| manifest.to_json());
+    durable::write_atomic(&staging.join(manifest::FILE_NAME), &bytes)?;
+    if let Some(signature) = &located.signature {
+        durable::write_atomic(&staging.join(SIGNATURE_FILE), signature.as_bytes())?;
+    }
     Ok(manifest)
 }
 

@@ -94,6 +94,7 @@ pub fn request(server: &S3Server, kernel: &str, driver: &str) -> StageRequest {
         },
         limits: Limits::default(),
         flavors: None,
+        trust: None,
     }
 }
 
@@ -104,7 +105,7 @@ pub async fn publish_bundle(server: &S3Server, work: &Path, kernel: &str, driver
     pack_bundle(&dir, kernel, driver, &out);
     let client = nvidia_installer::s3::Bucket::connect(&options(server)).await.expect("client");
     let published =
-        nvidia_installer::compiler::publish::publish(&client, &out, GARDENLINUX, false, &Transfer::default())
+        nvidia_installer::compiler::publish::publish(&client, &out, GARDENLINUX, false, None, &Transfer::default())
             .await
             .expect("publish");
     published.manifest
