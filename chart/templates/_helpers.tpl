@@ -69,6 +69,9 @@ publish to.
 {{- if not $bucket }}
 {{- fail "driverBucketSecret is required: the Secret with accessKeyId, secretAccessKey and bucket (optional region, endpoint) the driver is staged from (or set nvidiaInstaller.bucket for role-based credentials)" }}
 {{- end }}
+{{- if and .Values.allowCompilation .Values.nvidiaInstaller.trustedKeys (not .Values.nvidiaInstaller.allowUnsigned) }}
+{{- fail "allowCompilation builds unsigned bundles on the GPU nodes, and nvidiaInstaller.trustedKeys is set: set nvidiaInstaller.allowUnsigned: true too, or publish signed bundles and drop allowCompilation" }}
+{{- end }}
 {{- else if and .Values.compiler.publish (not $bucket) }}
 {{- fail "driverBucketSecret is required: the Secret with accessKeyId, secretAccessKey and bucket the compiler instance publishes to (or set nvidiaInstaller.bucket for role-based credentials)" }}
 {{- end }}

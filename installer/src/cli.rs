@@ -81,6 +81,13 @@ pub struct DriverSourceArgs {
     /// Allow an http:// driver source (refused by default: only https://).
     #[arg(long, env = "NVIDIA_DRIVER_ALLOW_HTTP")]
     pub allow_http: bool,
+    /// Sign the built modules with this private key (PEM), for kernels that enforce module
+    /// signatures (Secure Boot); with --module-signing-cert.
+    #[arg(long, env = "NVIDIA_MODULE_SIGNING_KEY", requires = "module_signing_cert")]
+    pub module_signing_key: Option<PathBuf>,
+    /// The X.509 certificate of --module-signing-key, as enrolled on the nodes (MOK).
+    #[arg(long, env = "NVIDIA_MODULE_SIGNING_CERT", requires = "module_signing_key")]
+    pub module_signing_cert: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -45,6 +45,11 @@ pub async fn install(args: &InstallArgs) -> Result<()> {
     let layout = args.stage.host.layout();
     stage.flavors = gpus::flavors_for(&gpus::nvidia_gpus(&layout), args.source.flavor)?;
     let mut compile = allow_compilation_request(args, &stage)?;
+    if compile.is_some() && stage.trust.as_ref().is_some_and(|t| !t.allow_unsigned) {
+        return Err(Error::Usage(
+            "--allow-compilation builds unsigned bundles on the node, and trusted keys are configured: pass --allow-unsigned too (nvidiaInstaller.allowUnsigned), or publish signed bundles and drop allowCompilation".to_owned(),
+        ));
+    }
     if let Some(compile) = compile.as_mut()
         && compile.flavor == Flavor::Auto
         && stage.flavors.as_deref() == Some(&["proprietary".to_owned()])
@@ -166,6 +171,8 @@ pub async fn dev_serve(args: DevServeArgs) -> Result<()> {
 /// idle when asked (a DaemonSet container that exits is restarted and would build again).
 pub async fn modulus(args: &ModulusArgs) -> Result<()> {
     let request = compile_request(&args.compile)?;
+    // Read before any build: a broken key must not cost a build and a restart loop.
+    let key = signing_key(&args.signing_key)?;
     let publish_to = if args.publish {
         let gardenlinux = request
             .gardenlinux_version
@@ -178,7 +185,8 @@ pub async fn modulus(args: &ModulusArgs) -> Result<()> {
     };
     if let Some((gardenlinux, bucket)) = &publish_to
         && !args.force
-        && let Some(published) = already_published(&request, gardenlinux, &args.endpoint.options(bucket)).await?
+        && let Some(published) =
+            already_published(&request, gardenlinux, &args.endpoint.options(bucket), key.as_ref()).await?
     {
         // A restarted compiler pod finds its work done: no build, no publish.
         info!(key = %published, "the bundle is already published; nothing to build");
@@ -201,7 +209,6 @@ pub async fn modulus(args: &ModulusArgs) -> Result<()> {
     println!("{}", answer.log.trim_end());
     if let Some((gardenlinux, bucket)) = publish_to {
         let bucket = Bucket::connect(&args.endpoint.options(&bucket)).await?;
-        let key = signing_key(&args.signing_key)?;
         let published =
             publish::publish(&bucket, &request.output, &gardenlinux, args.force, key.as_ref(), &Default::default())
                 .await?;
@@ -225,6 +232,7 @@ async fn already_published(
     request: &CompileRequest,
     gardenlinux: &str,
     options: &crate::s3::S3Options,
+    signing: Option<&SecretKey>,
 ) -> Result<Option<String>> {
     let Some(driver) = &request.driver_version else { return Ok(None) };
     let kernel = match (&request.kernel_release, &request.kernel_headers) {
@@ -235,16 +243,39 @@ async fn already_published(
         },
         (None, Some(_)) => return Ok(None),
     };
-    // A build of one flavor is there when that flavor's keys are; for the branch's default, the
-    // plain keys.
-    let keys = match request.flavor {
-        Flavor::Open => nvidia_contract::BundleKeys::flavored(gardenlinux, &kernel, driver, "open")?,
-        Flavor::Proprietary => nvidia_contract::BundleKeys::flavored(gardenlinux, &kernel, driver, "proprietary")?,
-        Flavor::Auto => nvidia_contract::BundleKeys::new(gardenlinux, &kernel, driver)?,
+    // A build of one flavor is there when that flavor's keys are. `auto` on a `.run` is the
+    // branch's default (proprietary below 560); on module sources, whatever the plain keys hold.
+    let flavor = match request.flavor {
+        Flavor::Open => Some("open"),
+        Flavor::Proprietary => Some("proprietary"),
+        Flavor::Auto if request.driver_source.ends_with(".run") => {
+            let major: u32 = driver.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
+            Some(if major < 560 { "proprietary" } else { "open" })
+        }
+        Flavor::Auto => None,
+    };
+    let keys = match flavor {
+        Some(flavor) => nvidia_contract::BundleKeys::flavored(gardenlinux, &kernel, driver, flavor)?,
+        None => nvidia_contract::BundleKeys::new(gardenlinux, &kernel, driver)?,
     };
     let bucket = Bucket::connect(options).await?;
-    let found = crate::s3::head(&bucket.client, &bucket.name, &keys.manifest, &Default::default()).await?;
-    Ok(found.map(|_| keys.manifest))
+    let transfer = crate::s3::Transfer::default();
+    let Some(stored) = crate::s3::get_small(&bucket.client, &bucket.name, &keys.manifest, 16 << 20, &transfer).await?
+    else {
+        return Ok(None);
+    };
+    if let Some(signing) = signing {
+        // Published, but not (yet) signed with this key: sign the stored bytes, no build.
+        let signature_key = crate::bundle::signature::key_of(&keys.manifest);
+        let existing = crate::s3::get_small(&bucket.client, &bucket.name, &signature_key, 64 << 10, &transfer).await?;
+        let signed = existing.is_some_and(|s| {
+            crate::bundle::signature::verify(&[signing.public()], &String::from_utf8_lossy(&s), &stored).is_ok()
+        });
+        if !signed {
+            publish::sign_published(&bucket, &keys.manifest, &stored, signing).await?;
+        }
+    }
+    Ok(Some(keys.manifest))
 }
 
 /// The stage request the flags describe: the Garden Linux version from the host's
@@ -361,6 +392,13 @@ fn from_source(source: &DriverSourceArgs, needed_by: &str) -> Result<CompileRequ
         patches: given(&source.patches),
         firmware: given(&source.firmware),
         allow_http: source.allow_http,
+        module_signing: match (given(&source.module_signing_key), given(&source.module_signing_cert)) {
+            (Some(key), Some(certificate)) => Some(compile::ModuleSigning { key, certificate }),
+            (None, None) => None,
+            _ => {
+                return Err(Error::Usage("--module-signing-key and --module-signing-cert go together".to_owned()));
+            }
+        },
         output: PathBuf::new(),
         driver_version: None,
         gardenlinux_version: None,

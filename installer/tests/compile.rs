@@ -291,9 +291,17 @@ async fn real_open_modules_for_debian_6_1_publish_and_stage() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let staged = layout.current();
     for module in ["nvidia", "nvidia-uvm", "nvidia-modeset"] {
-        let info =
-            nvidia_installer::bundle::modinfo::modinfo(&staged.join(format!("modules/{module}.ko"))).expect("modinfo");
+        let path = staged.join(format!("modules/{module}.ko"));
+        let info = nvidia_installer::bundle::modinfo::modinfo(&path).expect("modinfo");
         assert_eq!(nvidia_installer::bundle::modinfo::vermagic_release(&info.vermagic), KERNEL);
+        // Signed for kernels that enforce signatures: kmod's modinfo reads the appended signature.
+        let field = |name: &str| {
+            let output = Command::new("modinfo").args(["-F", name]).arg(&path).output().expect("modinfo (kmod)");
+            String::from_utf8_lossy(&output.stdout).trim().to_owned()
+        };
+        assert_eq!(field("signer"), MODULE_SIGNER, "{module}");
+        assert_eq!(field("sig_hashalgo"), "sha256", "{module}");
+        assert!(nvidia_installer::bundle::modinfo::is_signed(&path).expect("read"), "{module}");
     }
     assert!(staged.join("lib64/libnvidia-ml.so.1").exists() && staged.join("bin/nvidia-smi").is_file());
 }

@@ -325,6 +325,7 @@ async fn allow_compilation_builds_here_when_the_bucket_has_no_bundle() {
         patches: None,
         firmware: None,
         allow_http: false,
+        module_signing: None,
         output: layout.root().join("compile/bundle.tar.zst"),
         driver_version: Some(DRIVER.into()),
         gardenlinux_version: Some(GARDENLINUX.into()),
@@ -480,4 +481,33 @@ async fn a_firmware_path_set_by_someone_else_is_never_silently_replaced() {
     install(&layout, &request, &kernel, &Reporter::Log).await.expect("install");
     assert_eq!(std::fs::read_to_string(&parameter).expect("parameter"), "/var/lib/firmware\n");
     assert!(!layout.root().join("firmware").exists(), "no link needed");
+}
+
+#[tokio::test]
+async fn a_kernel_that_enforces_signatures_gets_no_unsigned_module() {
+    let (server, _work) = setup().await;
+    let host_dir = tempfile::tempdir().expect("host");
+    let layout = host(host_dir.path());
+    let parameter = host_dir.path().join("sys/module/module/parameters/sig_enforce");
+    std::fs::create_dir_all(parameter.parent().expect("parent")).expect("sys");
+    std::fs::write(&parameter, "Y\n").expect("sig_enforce");
+    let kernel = SimKernel::new(host_dir.path());
+    let request =
+        InstallRequest { stage: request(&server, KERNEL, DRIVER), modules: modules(&["nvidia"]), compile: None };
+    let error = install(&layout, &request, &kernel, &Reporter::Log).await.expect_err("unsigned");
+    let message = error.to_string();
+    assert!(
+        message.contains("the kernel requires signed modules") && message.contains("--module-signing-key"),
+        "{message}"
+    );
+    assert!(kernel.calls().is_empty(), "nothing loaded: {:?}", kernel.calls());
+
+    // What tells a signed module: the kernel's marker at its end.
+    let nvidia = layout.current().join("modules/nvidia.ko");
+    assert!(!nvidia_installer::bundle::modinfo::is_signed(&nvidia).expect("read"));
+    let signed = host_dir.path().join("signed.ko");
+    let mut bytes = std::fs::read(&nvidia).expect("module");
+    bytes.extend_from_slice(b"\x30\x82signature~Module signature appended~\n");
+    std::fs::write(&signed, bytes).expect("signed");
+    assert!(nvidia_installer::bundle::modinfo::is_signed(&signed).expect("read"));
 }

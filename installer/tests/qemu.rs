@@ -122,6 +122,12 @@ fn real_bundle(guest: &Guest, work: &Path) -> PathBuf {
 
 /// The stand-in driver: `tests/fixtures/kmod` built against the guest's headers, packed as a bundle.
 fn stand_in_bundle(guest: &Guest, work: &Path) -> PathBuf {
+    stand_in_bundle_of(guest, work, STAND_IN, None)
+}
+
+/// The stand-in as driver `version`, its modules signed with `signing` (key, certificate) when given.
+fn stand_in_bundle_of(guest: &Guest, work: &Path, version: &str, signing: Option<(&Path, &Path)>) -> PathBuf {
+    let work = &work.join(format!("stand-in-{version}"));
     let src = work.join("kmod");
     std::fs::create_dir_all(&src).expect("kmod dir");
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kmod");
@@ -134,15 +140,24 @@ fn stand_in_bundle(guest: &Guest, work: &Path) -> PathBuf {
         .arg("-C")
         .arg(&guest.headers)
         .arg(format!("M={}", src.display()))
-        .arg(format!("NV_TEST_VERSION={STAND_IN}"))
+        .arg(format!("NV_TEST_VERSION={version}"))
         .arg("modules"));
+    if let Some((key, cert)) = signing {
+        for module in ["nvidia", "nvidia-uvm", "nvidia-modeset"] {
+            run(Command::new(guest.headers.join("scripts/sign-file"))
+                .arg("sha256")
+                .arg(key)
+                .arg(cert)
+                .arg(src.join(format!("{module}.ko"))));
+        }
+    }
 
     let dir = work.join("stand-in");
-    for sub in ["bin", "lib", "modules", &format!("firmware/nvidia/{STAND_IN}")] {
+    for sub in ["bin", "lib", "modules", &format!("firmware/nvidia/{version}")] {
         std::fs::create_dir_all(dir.join(sub)).expect("bundle dir");
     }
     // The firmware the stand-in nvidia.ko requests when it loads, as the real one its GSP firmware.
-    std::fs::write(dir.join(format!("firmware/nvidia/{STAND_IN}/gsp_test.bin")), b"stand-in GSP firmware")
+    std::fs::write(dir.join(format!("firmware/nvidia/{version}/gsp_test.bin")), b"stand-in GSP firmware")
         .expect("firmware");
     for module in ["nvidia", "nvidia-uvm", "nvidia-modeset"] {
         std::fs::copy(src.join(format!("{module}.ko")), dir.join(format!("modules/{module}.ko"))).expect("module");
@@ -154,10 +169,10 @@ fn stand_in_bundle(guest: &Guest, work: &Path) -> PathBuf {
     )
     .expect("smi");
     std::fs::set_permissions(&smi, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
-    std::fs::write(dir.join(format!("lib/libnvidia-ml.so.{STAND_IN}")), b"stand-in").expect("lib");
-    std::os::unix::fs::symlink(format!("libnvidia-ml.so.{STAND_IN}"), dir.join("lib/libnvidia-ml.so.1")).expect("link");
+    std::fs::write(dir.join(format!("lib/libnvidia-ml.so.{version}")), b"stand-in").expect("lib");
+    std::os::unix::fs::symlink(format!("libnvidia-ml.so.{version}"), dir.join("lib/libnvidia-ml.so.1")).expect("link");
     let info = BundleInfo {
-        driver_version: STAND_IN.to_owned(),
+        driver_version: version.to_owned(),
         kernel_release: guest.release.clone(),
         flavor: "open".to_owned(),
         gardenlinux_version: Some(GARDENLINUX.to_owned()),
@@ -215,6 +230,17 @@ poweroff -f
 
 /// Boot the guest with everything in its initramfs and return each step's exit code and output.
 fn boot(guest: &Guest, work: &Path, bundles: &[(&str, &Path)]) -> BTreeMap<String, (i32, String)> {
+    boot_with(guest, work, bundles, INIT, "")
+}
+
+/// [`boot`] with another init script and more kernel parameters.
+fn boot_with(
+    guest: &Guest,
+    work: &Path,
+    bundles: &[(&str, &Path)],
+    init: &str,
+    parameters: &str,
+) -> BTreeMap<String, (i32, String)> {
     let root = work.join("initramfs");
     for dir in ["bin", "proc", "sys", "dev", "tmp"] {
         std::fs::create_dir_all(root.join(dir)).expect("initramfs dir");
@@ -227,7 +253,7 @@ fn boot(guest: &Guest, work: &Path, bundles: &[(&str, &Path)]) -> BTreeMap<Strin
         }
     }
     run(Command::new("objcopy").arg("--strip-debug").arg(static_installer()).arg(root.join("bin/nvidia-installer")));
-    let init = INIT
+    let init = init
         .replace("@GL@", GARDENLINUX)
         .replace("@REAL@", DRIVER)
         .replace("@STAND_IN@", STAND_IN)
@@ -283,7 +309,8 @@ fn boot(guest: &Guest, work: &Path, bundles: &[(&str, &Path)]) -> BTreeMap<Strin
         .arg(&guest.vmlinuz)
         .arg("-initrd")
         .arg(&cpio)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .arg("-append")
+        .arg(format!("console=ttyS0 panic=-1 quiet {parameters}"))
         .output()
         .expect("qemu-system-x86_64 (qemu-system-x86)");
     let console = String::from_utf8_lossy(&output.stdout).replace('\r', "");
@@ -422,6 +449,58 @@ fn boot_and_check(release: &str) {
     assert!(loads(log).is_empty(), "{log}");
     let (_, after) = step("other-after");
     assert_eq!(section(after, "/proc/modules").len(), 3, "{after}");
+}
+
+/// The guest's init for a kernel that enforces module signatures.
+const ENFORCING_INIT: &str = r#"#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+echo 1 > /proc/sys/kernel/printk
+dmesg -c > /dev/null
+echo
+step() { name=$1; shift; echo "@@NVT BEGIN $name"; "$@" 2>&1; rc=$?; dmesg -c | sed 's/^/[kmsg] /'; echo "@@NVT END $name rc=$rc"; }
+export RUST_LOG=info NO_COLOR=1
+step enforced cat /sys/module/module/parameters/sig_enforce
+step unsigned nvidia-installer install --bucket drivers --gardenlinux-version @GL@ --driver-version @STAND_IN@
+step untrusted nvidia-installer install --bucket drivers --gardenlinux-version @GL@ --driver-version @SIGNED@
+step modules cut -d' ' -f1 /proc/modules
+echo "@@NVT DONE"
+poweroff -f
+"#;
+
+/// A kernel booted with `module.sig_enforce=1`: the unsigned stand-in is refused by the installer
+/// before the kernel sees it, the stand-in signed with a key the kernel does not trust is refused by
+/// the kernel, and both errors say why and what to do.
+fn enforced_signatures(release: &str) {
+    let guest = Guest::new(release);
+    let work = tempfile::tempdir().expect("work");
+    let unsigned = stand_in_bundle(&guest, work.path());
+    let (key, cert) = module_signing_key(work.path());
+    let signed = stand_in_bundle_of(&guest, work.path(), "0.0.2", Some((&key, &cert)));
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let init = ENFORCING_INIT.replace("@SIGNED@", "0.0.2");
+    let steps =
+        boot_with(&guest, work.path(), &[(STAND_IN, &unsigned), ("0.0.2", &signed)], &init, "module.sig_enforce=1");
+    let step = |name: &str| steps.get(name).unwrap_or_else(|| panic!("no step {name} in {steps:#?}"));
+    assert_eq!(step("enforced").1.trim(), "Y");
+    let (rc, log) = step("unsigned");
+    assert_ne!(*rc, 0, "{log}");
+    assert!(log.contains("the kernel requires signed modules") && log.contains("this one is unsigned"), "{log}");
+    assert!(loads(log).is_empty(), "the installer refused before loading: {log}");
+    let (rc, log) = step("untrusted");
+    assert_ne!(*rc, 0, "{log}");
+    assert!(log.contains("rejected this one") && log.contains("enroll the signing certificate"), "{log}");
+    assert!(log.contains("Loading of module with unavailable key is rejected"), "the kernel's own words: {log}");
+    assert!(step("modules").1.trim().is_empty(), "nothing left loaded: {}", step("modules").1);
+}
+
+#[test]
+#[ignore = "slow: boots Debian's 6.1 kernel in QEMU with module.sig_enforce=1 (scripts/test-deps installs QEMU and the kernel; scripts/test builds the static installer)"]
+fn module_signatures_on_an_enforcing_debian_6_1_kernel() {
+    enforced_signatures("6.1.0-47-amd64");
 }
 
 #[test]

@@ -32,10 +32,13 @@ fn trust(public: &str, allow_unsigned: bool) -> Option<Trust> {
     Some(Trust { keys: vec![PublicKey::parse(public).expect("public key")], allow_unsigned })
 }
 
+/// Pack the driver into `work` (once; later calls publish the same bundle) and publish it.
 async fn publish_signed(server: &S3Server, work: &Path, key: Option<&Path>) {
-    let dir = driver_dir(work, KERNEL, DRIVER, 128 << 10);
     let out = work.join("bundle.tar.zst");
-    pack_bundle(&dir, KERNEL, DRIVER, &out);
+    if !out.exists() {
+        let dir = driver_dir(work, KERNEL, DRIVER, 128 << 10);
+        pack_bundle(&dir, KERNEL, DRIVER, &out);
+    }
     let secret = key.map(|k| SecretKey::read(k).expect("secret key"));
     let bucket = nvidia_installer::s3::Bucket::connect(&options(server)).await.expect("bucket");
     nvidia_installer::compiler::publish::publish(
@@ -193,4 +196,41 @@ async fn unsigned_and_legacy_bundles_need_explicit_permission_once_keys_are_trus
     let other = tempfile::tempdir().expect("host");
     let error = stage(&host(other.path()), &legacy_request).await.expect_err("legacy").to_string();
     assert!(error.contains("carry no signature") && error.contains("allowUnsigned"), "{error}");
+}
+
+/// Keys turned on for bundles already staged: the bucket's new signature is checked against the
+/// cached bytes, and the bundle in use stays where it is (no deletion, no download).
+#[tokio::test]
+async fn trusting_a_key_later_keeps_the_cached_bundle_when_its_bytes_are_the_signed_ones() {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let work = tempfile::tempdir().expect("work");
+    let (secret, public) = keygen(work.path(), "release");
+    publish_signed(&server, work.path(), None).await;
+    let host_dir = tempfile::tempdir().expect("host");
+    let layout = host(host_dir.path());
+    stage(&layout, &request(&server, KERNEL, DRIVER)).await.expect("staged unsigned, no keys");
+    let inode = std::fs::metadata(layout.bundle(KERNEL, DRIVER).join("bin/nvidia-smi"))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .expect("inode");
+
+    // The same bundle republished with the key: only its signatures are written.
+    publish_signed(&server, work.path(), Some(&secret)).await;
+    server.log().clear();
+    let mut trusted = request(&server, KERNEL, DRIVER);
+    trusted.trust = trust(&public, false);
+    let staged = stage(&layout, &trusted).await.expect("signed now");
+    assert_eq!(staged.downloaded_from, None, "the cached bundle stays");
+    assert!(staged.signed_by.is_some());
+    let archive_gets = server
+        .log()
+        .entries()
+        .into_iter()
+        .filter(|e| e.path.ends_with(".tar.zst") && e.method == integration_tests::s3::Method::GET)
+        .count();
+    assert_eq!(archive_gets, 0, "no archive downloaded");
+    let still = std::fs::metadata(layout.bundle(KERNEL, DRIVER).join("bin/nvidia-smi"))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .expect("inode");
+    assert_eq!(still, inode, "the files in use were not replaced");
 }

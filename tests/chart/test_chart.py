@@ -823,6 +823,10 @@ def test_notes_tell_the_user_what_to_do() -> None:
     ({"nvidiaInstaller": {"driverVersion": "535.261.03"}}, "driverBucketSecret is required"),
     ({"allowCompilation": True, "forceCompile": True, "nvidiaInstaller": {"driverVersion": "535.261.03"}},
      "driverBucketSecret is required: the Secret with accessKeyId, secretAccessKey and bucket the compiler"),
+    ({"allowCompilation": True, "driverBucketSecret": "s",
+      "nvidiaInstaller": {"driverVersion": "535.261.03",
+                          "trustedKeys": ["RWRxzjF94ieO6GKcSPXFQ+E5K+DqTo2NNgCecc1DNHiWtriDMEKU0X3Z"]}},
+     "allowCompilation builds unsigned bundles on the GPU nodes"),
 ])
 def test_a_release_without_driver_or_bucket_does_not_render(values: dict[str, Any], message: str) -> None:
     with pytest.raises(Exception) as failure:

@@ -45,6 +45,22 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     memchr::memmem::find(haystack, needle)
 }
 
+/// Whether a module file carries an appended signature (`~Module signature appended~` at its end).
+pub fn is_signed(path: &Path) -> Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    const MARKER: &[u8] = b"~Module signature appended~\n";
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io("reading", path, e))?;
+    let len = file.metadata().map_err(|e| Error::io("reading", path, e))?.len();
+    if len < MARKER.len() as u64 {
+        return Ok(false);
+    }
+    let mut tail = vec![0u8; MARKER.len()];
+    file.seek(SeekFrom::End(-(MARKER.len() as i64)))
+        .and_then(|_| file.read_exact(&mut tail))
+        .map_err(|e| Error::io("reading", path, e))?;
+    Ok(tail == MARKER)
+}
+
 /// The kernel release a vermagic string was built for (its first word).
 pub fn vermagic_release(vermagic: &str) -> &str {
     vermagic.split_whitespace().next().unwrap_or_default()

@@ -51,12 +51,24 @@ pub struct CompileRequest {
     /// Download an `http://` driver source (unencrypted, unauthenticated: only with a digest).
     #[serde(default)]
     pub allow_http: bool,
+    /// Sign the built modules (for kernels that enforce module signatures, Secure Boot) with this
+    /// private key and X.509 certificate, using the kernel's own `scripts/sign-file`.
+    #[serde(default)]
+    pub module_signing: Option<ModuleSigning>,
     pub output: PathBuf,
     /// Default: read from the sources.
     pub driver_version: Option<String>,
     pub gardenlinux_version: Option<String>,
     /// Parallel make jobs; 0 = one per core.
     pub jobs: usize,
+}
+
+/// The key and certificate `sign-file` signs modules with (PEM; the certificate may be DER).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModuleSigning {
+    pub key: PathBuf,
+    pub certificate: PathBuf,
 }
 
 /// A finished build.
@@ -121,6 +133,10 @@ pub fn compile(request: &CompileRequest, work: &Path) -> Result<Compiled> {
         }
         let target = bundle.join("modules").join(format!("{name}.ko"));
         strip(&built, &target)?;
+        // Signed after stripping: the signature is appended to the final bytes.
+        if let Some(signing) = &request.module_signing {
+            sign_module(&sysout, signing, &target)?;
+        }
         let vermagic = modinfo::modinfo(&target)?.vermagic;
         if modinfo::vermagic_release(&vermagic) != kernel_release {
             return Err(Error::Module {
@@ -172,6 +188,12 @@ fn fetch(request: &CompileRequest, work: &Path) -> Result<PathBuf> {
         }
         let name = source.rsplit('/').next().and_then(|n| n.split('?').next()).filter(|n| !n.is_empty());
         let target = work.join(name.unwrap_or("driver-source"));
+        if source.starts_with("http://") && request.allow_http && request.driver_sha256.is_none() {
+            return Err(Error::DriverSource {
+                source_name: source.clone(),
+                reason: "an http:// download needs --driver-sha256: nothing else would tell a tampered file".to_owned(),
+            });
+        }
         let sha256 = crate::compiler::download::download(source, &target, request.allow_http)?;
         (target, Some(sha256))
     } else {
@@ -459,6 +481,23 @@ pub fn is_compiler_error(line: &str) -> bool {
     !file.is_empty()
         && !file.contains(' ')
         && parts.next().is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+}
+
+/// Append a module signature with the kernel's own `scripts/sign-file` (SHA-256).
+fn sign_module(build_tree: &Path, signing: &ModuleSigning, module: &Path) -> Result<()> {
+    let sign_file = build_tree.join("scripts/sign-file");
+    if !sign_file.is_file() {
+        return Err(Error::KernelHeaders {
+            path: build_tree.to_owned(),
+            reason: "has no scripts/sign-file to sign the modules with".to_owned(),
+        });
+    }
+    run_tool(
+        Command::new(&sign_file).arg("sha256").arg(&signing.key).arg(&signing.certificate).arg(module),
+        &format!("signing {}", module.display()),
+    )?;
+    info!(module = %module.display(), certificate = %signing.certificate.display(), "module signed");
+    Ok(())
 }
 
 fn strip(from: &Path, to: &Path) -> Result<()> {

@@ -66,16 +66,18 @@ pub async fn publish(
     let (sha256, size) = digest(bundle)?;
     // The copy beside the archive is the archive's own manifest plus the archive's digest.
     let manifest = Manifest { archive: Some(crate::bundle::manifest::ArchiveEntry { sha256, size }), ..inner.clone() };
-    let read = |key: String| async move {
-        let bytes = s3::get_small(client, bucket, &key, MAX_MANIFEST_BYTES, transfer).await?;
-        Ok::<_, Error>(bytes.and_then(|b| Manifest::parse(&b, &format!("s3://{bucket}/{key}")).ok()))
-    };
+    // What is published, as stored: the bytes (compared and verified as they are) and, when they
+    // read as a manifest, its flavor.
+    let read = |key: String| async move { s3::get_small(client, bucket, &key, MAX_MANIFEST_BYTES, transfer).await };
     let published_flavor = read(flavored.manifest.clone()).await?;
     let published_plain = read(plain.manifest.clone()).await?;
-    // The plain keys stay with the flavor that has them.
-    let write_plain = published_plain.as_ref().is_none_or(|m| m.flavor == manifest.flavor);
+    let flavor_of = |bytes: &Vec<u8>| Manifest::parse(bytes, "published").ok().map(|m| m.flavor);
+    // The plain keys stay with the flavor that has them (an unreadable manifest there is kept too).
+    let write_plain =
+        published_plain.as_ref().is_none_or(|b| flavor_of(b).as_deref() == Some(manifest.flavor.as_str()));
+    let ours = manifest.to_json();
     if !force {
-        let same = |published: &Option<Manifest>| published.as_ref() == Some(&manifest);
+        let same = |published: &Option<Vec<u8>>| published.as_deref() == Some(ours.as_slice());
         if same(&published_flavor) && (!write_plain || same(&published_plain)) {
             let keys = if write_plain { &plain } else { &flavored };
             let mut manifests = vec![&flavored.manifest];
@@ -118,13 +120,13 @@ pub async fn publish(
         }
     }
     if force {
-        // Take the manifests away first: while the archives are replaced, readers find nothing
-        // rather than an old manifest beside a new archive.
-        let mut gone = vec![&flavored.manifest];
+        // Take the manifests (and their signatures) away first: while the archives are replaced,
+        // readers find nothing rather than an old manifest beside a new archive.
+        let mut gone = vec![flavored.manifest.clone(), signature::key_of(&flavored.manifest)];
         if write_plain {
-            gone.push(&plain.manifest);
+            gone.extend([plain.manifest.clone(), signature::key_of(&plain.manifest)]);
         }
-        for key in gone {
+        for key in &gone {
             client
                 .delete_object()
                 .bucket(bucket)
@@ -174,6 +176,25 @@ pub async fn publish(
     Ok(Published { archive_key: plain.archive, manifest_key: plain.manifest, manifest, unchanged: false })
 }
 
+/// Sign a manifest already in the bucket over its stored bytes (the archive stays).
+pub async fn sign_published(bucket: &Bucket, key: &str, stored: &[u8], signing: &SecretKey) -> Result<()> {
+    let signature_key = signature::key_of(key);
+    let comment = format!("verify with signify-openbsd -V -p <key {}>.pub -m {key} -x {signature_key}", signing.id);
+    bucket
+        .client
+        .put_object()
+        .bucket(&bucket.name)
+        .key(&signature_key)
+        .content_type("text/plain")
+        .body(ByteStream::from(signing.sign(stored, &comment).into_bytes()))
+        .checksum_algorithm(ChecksumAlgorithm::Sha256)
+        .send()
+        .await
+        .map_err(|e| Error::s3("PUT", &bucket.name, &signature_key, e.to_string()))?;
+    info!(bucket = %bucket.name, key = %signature_key, signed_by = %signing.id, "published manifest signed");
+    Ok(())
+}
+
 /// Whether the manifest at `key` carries a signature by `signing` (always, when not signing).
 async fn signed_with(
     client: &Client,
@@ -187,7 +208,12 @@ async fn signed_with(
     let Some(bytes) = s3::get_small(client, bucket, &signature::key_of(key), 64 << 10, transfer).await? else {
         return Ok(false);
     };
-    Ok(signature::verify(&[signing.public()], &String::from_utf8_lossy(&bytes), &manifest.to_json()).is_ok())
+    // Over the bytes as stored (the caller found them equal to this manifest's).
+    let Some(stored) = s3::get_small(client, bucket, key, MAX_MANIFEST_BYTES, transfer).await? else {
+        return Ok(false);
+    };
+    Ok(stored == manifest.to_json()
+        && signature::verify(&[signing.public()], &String::from_utf8_lossy(&bytes), &stored).is_ok())
 }
 
 /// Write a manifest, its signature first when signing: a reader that sees the manifest sees its
@@ -200,8 +226,19 @@ async fn put_manifest(
     signing: Option<&SecretKey>,
 ) -> Result<()> {
     let bytes = manifest.to_json();
+    let signature_key = signature::key_of(key);
+    if signing.is_none() && s3::head(client, bucket, &signature_key, &Transfer::default()).await?.is_some() {
+        // An unsigned manifest must not meet the signature of an earlier one (only then is
+        // s3:DeleteObject needed).
+        client
+            .delete_object()
+            .bucket(bucket)
+            .key(&signature_key)
+            .send()
+            .await
+            .map_err(|e| Error::s3("DELETE", bucket, &signature_key, e.to_string()))?;
+    }
     if let Some(signing) = signing {
-        let signature_key = signature::key_of(key);
         let comment = format!("verify with signify-openbsd -V -p <key {}>.pub -m {key} -x {signature_key}", signing.id);
         client
             .put_object()

@@ -12,6 +12,10 @@ use crate::{Error, Result};
 const NVIDIA: u16 = 0x10de;
 /// The first Turing device id.
 const FIRST_TURING: u16 = 0x1e00;
+/// From Blackwell on (device ids from 0x2900), and on Grace Hopper (GH200: 0x2342, 0x2348 in
+/// pci.ids), NVIDIA supports only the open kernel modules.
+const FIRST_OPEN_ONLY: u16 = 0x2900;
+const GRACE_HOPPER: [u16; 2] = [0x2342, 0x2348];
 
 /// One NVIDIA display controller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +28,11 @@ pub struct Gpu {
 impl Gpu {
     pub fn turing_or_newer(&self) -> bool {
         self.device >= FIRST_TURING
+    }
+
+    /// Whether only the open modules drive it.
+    pub fn open_only(&self) -> bool {
+        self.device >= FIRST_OPEN_ONLY || GRACE_HOPPER.contains(&self.device)
     }
 }
 
@@ -64,7 +73,26 @@ pub fn nvidia_gpus(layout: &Layout) -> Vec<Gpu> {
 /// the GPU.
 pub fn flavors_for(gpus: &[Gpu], asked: Flavor) -> Result<Option<Vec<String>>> {
     let older: Vec<String> = gpus.iter().filter(|g| !g.turing_or_newer()).map(ToString::to_string).collect();
+    let open_only: Vec<String> = gpus.iter().filter(|g| g.open_only()).map(ToString::to_string).collect();
+    if !older.is_empty() && !open_only.is_empty() {
+        return Err(Error::Flavor {
+            reason: format!(
+                "no kernel module flavor drives all of this node's GPUs: {} need the proprietary modules, {} the open ones",
+                older.join(", "),
+                open_only.join(", ")
+            ),
+        });
+    }
     let flavors: Vec<&str> = match asked {
+        Flavor::Proprietary if !open_only.is_empty() => {
+            return Err(Error::Flavor {
+                reason: format!(
+                    "GPU {} is supported by NVIDIA's open kernel modules only; use the open flavor",
+                    open_only.join(", ")
+                ),
+            });
+        }
+        Flavor::Auto if !open_only.is_empty() => vec!["open"],
         Flavor::Open if !older.is_empty() => {
             return Err(Error::Flavor {
                 reason: format!(
@@ -84,6 +112,15 @@ pub fn flavors_for(gpus: &[Gpu], asked: Flavor) -> Result<Option<Vec<String>>> {
 
 /// Refuse a bundle of a flavor that cannot drive one of `gpus`, before anything loads.
 pub fn check_bundle(gpus: &[Gpu], flavor: &str, driver: &str) -> Result<()> {
+    let open_only: Vec<String> = gpus.iter().filter(|g| g.open_only()).map(ToString::to_string).collect();
+    if flavor != "open" && !open_only.is_empty() {
+        return Err(Error::Flavor {
+            reason: format!(
+                "GPU {} is supported by NVIDIA's open kernel modules only, but driver {driver}'s bundle holds the {flavor} ones; publish the open flavor",
+                open_only.join(", ")
+            ),
+        });
+    }
     let older: Vec<String> = gpus.iter().filter(|g| !g.turing_or_newer()).map(ToString::to_string).collect();
     if flavor == "open" && !older.is_empty() {
         return Err(Error::Flavor {
@@ -146,6 +183,23 @@ mod tests {
         assert_eq!(gpus.len(), 2);
         assert_eq!(flavors_for(&gpus, Flavor::Auto).expect("flavors"), Some(vec!["proprietary".into()]));
         assert!(check_bundle(&gpus, "proprietary", "535.261.03").is_ok());
+    }
+
+    #[test]
+    fn blackwell_and_grace_hopper_take_the_open_modules_only() {
+        let (_dir, layout) = host(&[("0000:00:06.0", 0x10de, 0x2901, 0x030200)]);
+        let gpus = nvidia_gpus(&layout);
+        assert_eq!(flavors_for(&gpus, Flavor::Auto).expect("flavors"), Some(vec!["open".into()]));
+        assert!(
+            flavors_for(&gpus, Flavor::Proprietary)
+                .expect_err("open only")
+                .to_string()
+                .contains("open kernel modules only")
+        );
+        assert!(check_bundle(&gpus, "proprietary", "570.172.08").is_err());
+        let (_dir, layout) = host(&[V100, ("0000:00:06.0", 0x10de, 0x2342, 0x030200)]);
+        let error = flavors_for(&nvidia_gpus(&layout), Flavor::Auto).expect_err("no flavor for both").to_string();
+        assert!(error.contains("no kernel module flavor drives all"), "{error}");
     }
 
     #[test]

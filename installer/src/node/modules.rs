@@ -111,6 +111,14 @@ impl<'a> Planner<'a> {
         if built_for != self.kernel_release {
             return Err(fail(format!("built for kernel {built_for}, but this node runs {}", self.kernel_release)));
         }
+        if signatures_enforced(self.layout) && !modinfo::is_signed(&path)? {
+            return Err(fail(
+                "the kernel requires signed modules (module.sig_enforce, or Secure Boot's lockdown), and this one is unsigned: \
+                 build the bundle with compile --module-signing-key/--module-signing-cert and enroll the certificate on the nodes \
+                 (mokutil --import, or the platform's key database)"
+                    .to_owned(),
+            ));
+        }
         for dependency in &info.depends {
             self.dependency(dependency)?;
         }
@@ -194,6 +202,16 @@ impl Loader<'_> {
     }
 }
 
+/// Whether the kernel refuses unsigned modules (`module.sig_enforce`, which Secure Boot's lockdown
+/// turns on).
+pub fn signatures_enforced(layout: &Layout) -> bool {
+    let enforced = std::fs::read_to_string(layout.host("/sys/module/module/parameters/sig_enforce"))
+        .is_ok_and(|v| v.trim() == "Y");
+    let locked = std::fs::read_to_string(layout.host("/sys/kernel/security/lockdown"))
+        .is_ok_and(|v| v.contains("[integrity]") || v.contains("[confidentiality]"));
+    enforced || locked
+}
+
 fn explain_load_error(error: &io::Error) -> String {
     use nix::libc;
     match error.raw_os_error() {
@@ -205,7 +223,9 @@ fn explain_load_error(error: &io::Error) -> String {
         }
         Some(libc::ENOEXEC) => "invalid module format: built for another kernel or configuration".to_owned(),
         Some(libc::EPERM) => "not permitted: the installer needs CAP_SYS_MODULE (a privileged container)".to_owned(),
-        Some(libc::EKEYREJECTED) => "the kernel requires signed modules and rejected this one".to_owned(),
+        Some(libc::EKEYREJECTED) | Some(libc::ENOKEY) => {
+            "the kernel requires signed modules and rejected this one: it is unsigned, or signed with a key the kernel does not trust; enroll the signing certificate (mokutil --import, or the platform's key database)".to_owned()
+        }
         _ => error.to_string(),
     }
 }

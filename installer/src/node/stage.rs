@@ -85,6 +85,18 @@ pub async fn stage_locked(layout: &Layout, request: &StageRequest) -> Result<Sta
         let signed_by = cached_signature(&bundle, request)?;
         Ok((manifest, signed_by))
     });
+    // A cached bundle that is whole but whose kept signature no longer satisfies the trusted keys
+    // (keys were turned on, or rotated) is checked against the bucket's signature before anything
+    // is replaced: its bytes may well be the signed ones.
+    let cached = match cached {
+        Err(reason) if request.trust.is_some() && cache::cached(&bundle).is_ok() => {
+            match refresh_signature(&bundle, request).await {
+                Ok(Some(found)) => Ok(found),
+                Ok(None) | Err(_) => Err(reason),
+            }
+        }
+        other => other,
+    };
     let (manifest, downloaded_from, signed_by) = match cached {
         Ok((manifest, signed_by)) => {
             info!(bundle = %bundle.display(), "cache hit: bundle already staged and verified");
@@ -108,6 +120,30 @@ pub async fn stage_locked(layout: &Layout, request: &StageRequest) -> Result<Sta
         "staged"
     );
     Ok(Staged { bundle, manifest, downloaded_from, current, held_back_by, signed_by })
+}
+
+/// The bucket's signature for a whole cached bundle's manifest: when it verifies over the cached
+/// bytes, it is kept beside them and the bundle is used as it is.
+async fn refresh_signature(bundle: &Path, request: &StageRequest) -> Result<Option<(Manifest, Option<KeyId>)>> {
+    let Some(trust) = &request.trust else { return Ok(None) };
+    let manifest = cache::cached(bundle)
+        .map_err(|reason| Error::Manifest { source_name: bundle.display().to_string(), reason })?;
+    let bytes = std::fs::read(bundle.join(manifest::FILE_NAME)).map_err(|e| Error::io("reading", bundle, e))?;
+    let (gl, kernel, driver) = (&request.gardenlinux_version, &request.kernel_release, &request.driver_version);
+    let client = s3::client(&request.s3).await?;
+    for keys in [BundleKeys::flavored(gl, kernel, driver, &manifest.flavor)?, BundleKeys::new(gl, kernel, driver)?] {
+        let key = signature::key_of(&keys.manifest);
+        let Some(found) = s3::get_small(&client, &request.s3.bucket, &key, 64 << 10, &request.transfer).await? else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&found).into_owned();
+        if let Ok(id) = signature::verify(&trust.keys, &text, &bytes) {
+            durable::write_atomic(&bundle.join(SIGNATURE_FILE), text.as_bytes())?;
+            info!(bundle = %bundle.display(), signed_by = %id, "the cached bundle carries the bucket's signature now");
+            return Ok(Some((manifest, Some(id))));
+        }
+    }
+    Ok(None)
 }
 
 /// With trusted keys, a cached bundle is used again only when the signature kept beside its
@@ -177,12 +213,12 @@ async fn locate(client: &aws_sdk_s3::Client, request: &StageRequest) -> Result<L
     let mut unfit = Vec::new();
     for flavor in request.flavors.iter().flatten() {
         let keys = BundleKeys::flavored(gl, kernel, driver, flavor)?;
-        if let Some(located) = locate_keys(client, request, &keys).await? {
+        if let Some(located) = locate_keys(client, request, &keys, Some(flavor)).await? {
             return Ok(located);
         }
         tried.push(keys.manifest);
     }
-    match locate_keys(client, request, &plain).await? {
+    match locate_keys(client, request, &plain, None).await? {
         Some(located) => {
             let flavor = located.expected.as_ref().map(|m| m.flavor.clone()).unwrap_or_default();
             if takes(request, &flavor) {
@@ -236,6 +272,7 @@ async fn locate_keys(
     client: &aws_sdk_s3::Client,
     request: &StageRequest,
     keys: &BundleKeys,
+    flavor: Option<&str>,
 ) -> Result<Option<Located>> {
     let bucket = &request.s3.bucket;
     let transfer = &request.transfer;
@@ -251,6 +288,20 @@ async fn locate_keys(
                     "describes driver {} for kernel {}, not driver {} for kernel {}",
                     expected.driver_version, expected.kernel_release, request.driver_version, request.kernel_release
                 ),
+            });
+        }
+        // A manifest (signed or not) is taken only where it belongs: its flavor's keys, its
+        // Garden Linux version's prefix.
+        if let Some(flavor) = flavor.filter(|f| *f != expected.flavor) {
+            return Err(Error::Manifest {
+                source_name: source,
+                reason: format!("holds the {} modules under the {flavor} keys", expected.flavor),
+            });
+        }
+        if let Some(packed_for) = expected.gardenlinux_version.as_ref().filter(|v| **v != request.gardenlinux_version) {
+            return Err(Error::Manifest {
+                source_name: source,
+                reason: format!("was packed for Garden Linux {packed_for}, not {}", request.gardenlinux_version),
             });
         }
         let Some(archive) = &expected.archive else {

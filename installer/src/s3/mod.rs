@@ -111,16 +111,31 @@ pub async fn client(options: &S3Options) -> Result<Client> {
 /// The region S3 names for `bucket` (`x-amz-bucket-region` of a HeadBucket, whatever its status);
 /// `None` when it names none (an S3-compatible store).
 async fn bucket_region(client: &Client, bucket: &str) -> Result<Option<String>> {
-    match client.head_bucket().bucket(bucket).send().await {
-        Ok(out) => Ok(out.bucket_region().map(str::to_owned)),
-        Err(SdkError::ServiceError(service)) => {
-            Ok(service.raw().headers().get("x-amz-bucket-region").map(str::to_owned))
+    let transfer = Transfer::default();
+    let mut attempt = 0;
+    let named = loop {
+        match client.head_bucket().bucket(bucket).send().await {
+            Ok(out) => break out.bucket_region().map(str::to_owned),
+            Err(SdkError::ServiceError(service)) if service.raw().headers().get("x-amz-bucket-region").is_some() => {
+                break service.raw().headers().get("x-amz-bucket-region").map(str::to_owned);
+            }
+            Err(SdkError::ResponseError(response)) => {
+                break response.raw().headers().get("x-amz-bucket-region").map(str::to_owned);
+            }
+            Err(error) if transient(&error) && attempt + 1 < transfer.max_attempts => {
+                warn!(bucket, error = %describe(&error), attempt, "HeadBucket failed; retrying");
+                tokio::time::sleep(backoff(&transfer, attempt)).await;
+                attempt += 1;
+            }
+            // Refused without naming a region (an S3-compatible store): the configured one stays.
+            Err(SdkError::ServiceError(_)) => break None,
+            Err(error) => return Err(Error::s3("HEAD", bucket, "", describe(&error))),
         }
-        Err(SdkError::ResponseError(response)) => {
-            Ok(response.raw().headers().get("x-amz-bucket-region").map(str::to_owned))
-        }
-        Err(error) => Err(Error::s3("HEAD", bucket, "", describe(&error))),
-    }
+    };
+    // The header becomes part of the endpoint's host name: only what a region name holds.
+    Ok(named.filter(|r| {
+        !r.is_empty() && r.len() <= 40 && r.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    }))
 }
 
 /// The client itself, for `region` when given, else for the configured region (or the default);

@@ -164,8 +164,30 @@ pub fn patches_612() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/patches/6.12")
 }
 
-/// `nvidia-installer compile` of the real open modules against `headers`.
+/// The subject of the test module-signing certificate.
+pub const MODULE_SIGNER: &str = "nvidia-installer test modules";
+
+/// A module-signing key and self-signed certificate (PEM), as a distribution's build would hold
+/// them, made with openssl in `dir`.
+pub fn module_signing_key(dir: &Path) -> (PathBuf, PathBuf) {
+    let (key, cert) = (dir.join("module-signing.key"), dir.join("module-signing.crt"));
+    let status = std::process::Command::new("openssl")
+        .args(["req", "-new", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-sha256"])
+        .args(["-subj", &format!("/CN={MODULE_SIGNER}"), "-addext", "extendedKeyUsage=codeSigning"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(status.success(), "openssl req");
+    (key, cert)
+}
+
+/// `nvidia-installer compile` of the real open modules against `headers`, signed with a test key.
 pub fn compile_real(headers: &Path, patches: Option<&Path>, out: &Path) -> std::process::Output {
+    let (key, cert) = module_signing_key(out.parent().expect("output dir"));
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_nvidia-installer"));
     command
         .env("RUST_LOG", "info")
@@ -177,6 +199,10 @@ pub fn compile_real(headers: &Path, patches: Option<&Path>, out: &Path) -> std::
         .arg(real_userspace())
         .arg("--firmware")
         .arg(real_firmware())
+        .arg("--module-signing-key")
+        .arg(&key)
+        .arg("--module-signing-cert")
+        .arg(&cert)
         .arg("--output")
         .arg(out);
     if let Some(patches) = patches {
