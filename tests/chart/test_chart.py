@@ -941,3 +941,17 @@ def test_the_signing_key_reaches_modulus_only() -> None:
 def test_trusted_keys_must_look_like_signify_public_keys() -> None:
     with pytest.raises(helm.HelmValuesError):
         render.render_templates({"nvidiaInstaller": {"trustedKeys": ["not a key"]}})
+
+
+def test_the_module_signing_key_reaches_the_dev_container_only() -> None:
+    objs = render.render(CASES[SEED_COMPILER], ["compiler.moduleSigningSecret=nvidia-module-signing"])
+    compiler = one(objs, "DaemonSet", "compiler")
+    for _, c in containers(compiler):
+        mounts = {m["name"]: m for m in c.get("volumeMounts", [])}
+        assert ("module-signing" in mounts) == (c["name"] == "dev"), c["name"]
+    modulus = container(compiler, "containers", "modulus")
+    assert "--module-signing-key=/module-signing/module-signing.key" in modulus["args"]
+    assert "--module-signing-cert=/module-signing/module-signing.crt" in modulus["args"]
+    [volume] = [v for v in compiler["spec"]["template"]["spec"]["volumes"] if v["name"] == "module-signing"]
+    assert volume["secret"]["secretName"] == "nvidia-module-signing"
+    assert "nvidia-module-signing" not in yaml.safe_dump_all(objects(SEED_INSTALLER))
