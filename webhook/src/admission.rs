@@ -157,8 +157,11 @@ async fn read_body(state: &AppState, request: HttpRequest) -> Result<(Bytes, Hel
         return Err(too_large(format!("{length} bytes")));
     }
     let mut body = request.into_body();
+    // The declared length sizes the buffer (address space only until bytes arrive and are
+    // counted), so a large review is not copied as it grows.
+    let capacity = declared.map_or(0, |l| usize::try_from(l).unwrap_or(0).min(MAX_BODY_BYTES));
     let read = async {
-        let mut bytes = bytes::BytesMut::new();
+        let mut bytes = bytes::BytesMut::with_capacity(capacity);
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|error| Refusal {
                 status: StatusCode::BAD_REQUEST,

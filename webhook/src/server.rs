@@ -21,7 +21,7 @@ use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
 use crate::admission::{AppState, router};
-use crate::limits::{Budget, ClientBudgets, HEADER_BYTES, Limits};
+use crate::limits::{Budget, ClientBudgets, HEADER_BYTES, HTTP1_BUFFER_BYTES, Limits};
 use crate::tls::{self, TlsFiles};
 use crate::{Error, Result};
 
@@ -179,7 +179,11 @@ impl Connection {
             })
         };
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).max_buf_size(HEADER_BYTES);
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .max_buf_size(HTTP1_BUFFER_BYTES);
         builder
             .http2()
             .timer(TokioTimer::new())

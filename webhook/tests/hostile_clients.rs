@@ -67,7 +67,7 @@ async fn slow_and_greedy_clients_do_not_take_memory_or_service_from_others() {
     }
     // A request head beyond the limit is refused, not buffered.
     let mut oversized = attack::tls(webhook.addr, &webhook.ca, b"http/1.1").await;
-    let head = format!("POST /mutate HTTP/1.1\r\nHost: localhost\r\nX-Padding: {}\r\n\r\n", "a".repeat(60 * 1024));
+    let head = format!("POST /mutate HTTP/1.1\r\nHost: localhost\r\nX-Padding: {}\r\n\r\n", "a".repeat(100 * 1024));
     let _ = oversized.write_all(head.as_bytes()).await;
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), oversized.read_to_end(&mut answer)).await;
