@@ -266,11 +266,9 @@ async fn already_published(
     };
     if let Some(signing) = signing {
         // Published, but not (yet) signed with this key: sign the stored bytes, no build.
-        let signature_key = crate::bundle::signature::key_of(&keys.manifest);
-        let existing = crate::s3::get_small(&bucket.client, &bucket.name, &signature_key, 64 << 10, &transfer).await?;
-        let signed = existing.is_some_and(|s| {
-            crate::bundle::signature::verify(&[signing.public()], &String::from_utf8_lossy(&s), &stored).is_ok()
-        });
+        let signed =
+            publish::signed_with(&bucket.client, &bucket.name, &keys.manifest, &stored, Some(signing), &transfer)
+                .await?;
         if !signed {
             publish::sign_published(&bucket, &keys.manifest, &stored, signing).await?;
         }

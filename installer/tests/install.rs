@@ -400,8 +400,18 @@ async fn publish_with_firmware(server: &S3Server, work: &std::path::Path) -> Vec
     bytes
 }
 
-#[tokio::test]
-async fn the_bundles_firmware_is_findable_before_nvidia_loads_and_after_current_moves() {
+/// A bucket with the firmware bundle, and a host root whose `firmware_class.path` holds `parameter`.
+struct FirmwareHost {
+    server: S3Server,
+    _work: tempfile::TempDir,
+    firmware: Vec<u8>,
+    host_dir: tempfile::TempDir,
+    layout: nvidia_contract::Layout,
+    parameter: std::path::PathBuf,
+    request: InstallRequest,
+}
+
+async fn firmware_host(parameter_value: &str) -> FirmwareHost {
     let server = S3Server::start();
     server.create_bucket(BUCKET);
     let work = tempfile::tempdir().expect("work");
@@ -410,9 +420,16 @@ async fn the_bundles_firmware_is_findable_before_nvidia_loads_and_after_current_
     let layout = host(host_dir.path());
     let parameter = host_dir.path().join("sys/module/firmware_class/parameters/path");
     std::fs::create_dir_all(parameter.parent().expect("parent")).expect("sys");
-    std::fs::write(&parameter, "").expect("parameter");
+    std::fs::write(&parameter, parameter_value).expect("parameter");
     let request =
         InstallRequest { stage: request(&server, KERNEL, DRIVER), modules: modules(&["nvidia"]), compile: None };
+    FirmwareHost { server, _work: work, firmware, host_dir, layout, parameter, request }
+}
+
+#[tokio::test]
+async fn the_bundles_firmware_is_findable_before_nvidia_loads_and_after_current_moves() {
+    let FirmwareHost { server: _server, _work, firmware, host_dir, layout, parameter, request } =
+        firmware_host("").await;
 
     // The dry run says what will be done, and does nothing.
     let plan = dry_run(&layout, &request).await.expect("dry run");
@@ -450,17 +467,8 @@ async fn the_bundles_firmware_is_findable_before_nvidia_loads_and_after_current_
 
 #[tokio::test]
 async fn a_firmware_path_set_by_someone_else_is_never_silently_replaced() {
-    let server = S3Server::start();
-    server.create_bucket(BUCKET);
-    let work = tempfile::tempdir().expect("work");
-    let firmware = publish_with_firmware(&server, work.path()).await;
-    let host_dir = tempfile::tempdir().expect("host");
-    let layout = host(host_dir.path());
-    let parameter = host_dir.path().join("sys/module/firmware_class/parameters/path");
-    std::fs::create_dir_all(parameter.parent().expect("parent")).expect("sys");
-    std::fs::write(&parameter, "/var/lib/firmware\n").expect("parameter");
-    let request =
-        InstallRequest { stage: request(&server, KERNEL, DRIVER), modules: modules(&["nvidia"]), compile: None };
+    let FirmwareHost { server: _server, _work, firmware, host_dir, layout, parameter, request } =
+        firmware_host("/var/lib/firmware\n").await;
 
     let kernel = SimKernel::new(host_dir.path());
     let error = install(&layout, &request, &kernel, &Reporter::Log).await.expect_err("someone else's path");

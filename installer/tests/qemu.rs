@@ -195,7 +195,9 @@ fn in_tree_closure(modules: &Path, name: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-const INIT: &str = r#"#!/bin/sh
+/// What every guest's init does first: mount the pseudo filesystems, and define `step` (runs a
+/// command between markers, with the kernel's messages), `state` and `install`.
+const PREAMBLE: &str = r#"#!/bin/sh
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -215,7 +217,10 @@ state() {
 }
 install() { nvidia-installer install --bucket drivers --gardenlinux-version @GL@ --driver-version "$1"; }
 export RUST_LOG=info NO_COLOR=1
-step bare insmod /opt/nvidia-installer/cache/@KERNEL@/@STAND_IN@/modules/nvidia.ko
+"#;
+
+/// The steps of the main boot.
+const INIT: &str = r#"step bare insmod /opt/nvidia-installer/cache/@KERNEL@/@STAND_IN@/modules/nvidia.ko
 step real install @REAL@
 step real-after state
 step stand-in install @STAND_IN@
@@ -224,8 +229,6 @@ step stand-in-again install @STAND_IN@
 step wait nvidia-installer wait --timeout 5s --driver-version @STAND_IN@
 step other-version install @REAL@
 step other-after state
-echo "@@NVT DONE"
-poweroff -f
 "#;
 
 /// Boot the guest with everything in its initramfs and return each step's exit code and output.
@@ -233,12 +236,12 @@ fn boot(guest: &Guest, work: &Path, bundles: &[(&str, &Path)]) -> BTreeMap<Strin
     boot_with(guest, work, bundles, INIT, "")
 }
 
-/// [`boot`] with another init script and more kernel parameters.
+/// [`boot`] with other steps (after [`PREAMBLE`]) and more kernel parameters.
 fn boot_with(
     guest: &Guest,
     work: &Path,
     bundles: &[(&str, &Path)],
-    init: &str,
+    script: &str,
     parameters: &str,
 ) -> BTreeMap<String, (i32, String)> {
     let root = work.join("initramfs");
@@ -253,7 +256,7 @@ fn boot_with(
         }
     }
     run(Command::new("objcopy").arg("--strip-debug").arg(static_installer()).arg(root.join("bin/nvidia-installer")));
-    let init = init
+    let init = format!("{PREAMBLE}{script}echo \"@@NVT DONE\"\npoweroff -f\n")
         .replace("@GL@", GARDENLINUX)
         .replace("@REAL@", DRIVER)
         .replace("@STAND_IN@", STAND_IN)
@@ -451,24 +454,11 @@ fn boot_and_check(release: &str) {
     assert_eq!(section(after, "/proc/modules").len(), 3, "{after}");
 }
 
-/// The guest's init for a kernel that enforces module signatures.
-const ENFORCING_INIT: &str = r#"#!/bin/sh
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-exec </dev/console >/dev/console 2>&1
-echo 1 > /proc/sys/kernel/printk
-dmesg -c > /dev/null
-echo
-step() { name=$1; shift; echo "@@NVT BEGIN $name"; "$@" 2>&1; rc=$?; dmesg -c | sed 's/^/[kmsg] /'; echo "@@NVT END $name rc=$rc"; }
-export RUST_LOG=info NO_COLOR=1
-step enforced cat /sys/module/module/parameters/sig_enforce
-step unsigned nvidia-installer install --bucket drivers --gardenlinux-version @GL@ --driver-version @STAND_IN@
-step untrusted nvidia-installer install --bucket drivers --gardenlinux-version @GL@ --driver-version @SIGNED@
+/// The steps on a kernel that enforces module signatures.
+const ENFORCING_INIT: &str = r#"step enforced cat /sys/module/module/parameters/sig_enforce
+step unsigned install @STAND_IN@
+step untrusted install @SIGNED@
 step modules cut -d' ' -f1 /proc/modules
-echo "@@NVT DONE"
-poweroff -f
 "#;
 
 /// A kernel booted with `module.sig_enforce=1`: the unsigned stand-in is refused by the installer
@@ -481,9 +471,14 @@ fn enforced_signatures(release: &str) {
     let (key, cert) = module_signing_key(work.path());
     let signed = stand_in_bundle_of(&guest, work.path(), "0.0.2", Some((&key, &cert)));
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
-    let init = ENFORCING_INIT.replace("@SIGNED@", "0.0.2");
-    let steps =
-        boot_with(&guest, work.path(), &[(STAND_IN, &unsigned), ("0.0.2", &signed)], &init, "module.sig_enforce=1");
+    let enforcing = ENFORCING_INIT.replace("@SIGNED@", "0.0.2");
+    let steps = boot_with(
+        &guest,
+        work.path(),
+        &[(STAND_IN, &unsigned), ("0.0.2", &signed)],
+        &enforcing,
+        "module.sig_enforce=1",
+    );
     let step = |name: &str| steps.get(name).unwrap_or_else(|| panic!("no step {name} in {steps:#?}"));
     assert_eq!(step("enforced").1.trim(), "Y");
     let (rc, log) = step("unsigned");

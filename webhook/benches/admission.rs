@@ -8,13 +8,10 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
-use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 
 #[path = "../tests/support/attack.rs"]
@@ -125,31 +122,6 @@ fn start_servers(dir: &Path) -> (Server, Server) {
     )
 }
 
-async fn connect(addr: SocketAddr, ca_pem: &str) -> Sender {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
-        roots.add(CertificateDer::from(cert.expect("pem").to_vec())).expect("root");
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    for _ in 0..200 {
-        if let Ok(tcp) = tokio::net::TcpStream::connect(addr).await {
-            let tls = connector.connect(ServerName::try_from("localhost").expect("name"), tcp).await.expect("tls");
-            let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.expect("http");
-            tokio::spawn(connection);
-            return sender;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("server at {addr} never came up");
-}
-
 async fn post(sender: &mut Sender, body: &Bytes) -> Duration {
     sender.ready().await.expect("connection ready");
     let started = Instant::now();
@@ -182,7 +154,7 @@ async fn throughput(
 ) -> (f64, Duration, Duration) {
     let mut tasks = Vec::new();
     for _ in 0..connections {
-        let mut sender = connect(addr, ca).await;
+        let mut sender = attack::connect(addr, ca).await;
         let body = body.clone();
         tasks.push(tokio::spawn(async move {
             for _ in 0..50 {
@@ -220,7 +192,7 @@ async fn fixed_rate(
     let interval = Duration::from_secs_f64(connections as f64 / rate as f64);
     let mut tasks = Vec::new();
     for i in 0..connections {
-        let mut sender = connect(addr, ca).await;
+        let mut sender = attack::connect(addr, ca).await;
         post(&mut sender, body).await;
         let body = body.clone();
         tasks.push(tokio::spawn(async move {
@@ -308,7 +280,7 @@ async fn run(quick: bool) {
         );
     }
     for server in [&baseline, &webhook] {
-        let mut sender = connect(server.addr, &bundle.ca_cert).await;
+        let mut sender = attack::connect(server.addr, &bundle.ca_cert).await;
         let mut times = Vec::new();
         for _ in 0..if quick { 5 } else { 25 } {
             times.push(post(&mut sender, &huge).await);
@@ -348,7 +320,7 @@ async fn under_attack(dir: &Path, body: &Bytes, quick: bool) {
             let ca = std::fs::read_to_string(dir.join("ca.crt")).expect("ca");
             (webhook, ca)
         };
-        let mut warm = connect(server.addr, &ca).await;
+        let mut warm = attack::connect(server.addr, &ca).await;
         post(&mut warm, body).await;
         let mut held = attack::slow_connections(server.addr, &ca, 500, 500).await;
         attack::unfinished_h2_streams(server.addr, &ca, 100, (4 << 20) - 64 * 1024, &mut held).await;

@@ -86,7 +86,8 @@ pub async fn publish(
             }
             let mut signed = true;
             for key in &manifests {
-                signed &= signed_with(client, bucket, key, &manifest, signing, transfer).await?;
+                // `same` found the stored bytes equal to ours.
+                signed &= signed_with(client, bucket, key, &ours, signing, transfer).await?;
             }
             if signed {
                 info!(bucket, key = %flavored.archive, "this very bundle is already published; nothing to do");
@@ -195,12 +196,13 @@ pub async fn sign_published(bucket: &Bucket, key: &str, stored: &[u8], signing: 
     Ok(())
 }
 
-/// Whether the manifest at `key` carries a signature by `signing` (always, when not signing).
-async fn signed_with(
+/// Whether the manifest at `key`, whose stored bytes the caller read, carries a signature by
+/// `signing` over them (always, when not signing).
+pub async fn signed_with(
     client: &Client,
     bucket: &str,
     key: &str,
-    manifest: &Manifest,
+    stored: &[u8],
     signing: Option<&SecretKey>,
     transfer: &Transfer,
 ) -> Result<bool> {
@@ -208,12 +210,7 @@ async fn signed_with(
     let Some(bytes) = s3::get_small(client, bucket, &signature::key_of(key), 64 << 10, transfer).await? else {
         return Ok(false);
     };
-    // Over the bytes as stored (the caller found them equal to this manifest's).
-    let Some(stored) = s3::get_small(client, bucket, key, MAX_MANIFEST_BYTES, transfer).await? else {
-        return Ok(false);
-    };
-    Ok(stored == manifest.to_json()
-        && signature::verify(&[signing.public()], &String::from_utf8_lossy(&bytes), &stored).is_ok())
+    Ok(signature::verify(&[signing.public()], &String::from_utf8_lossy(&bytes), stored).is_ok())
 }
 
 /// Write a manifest, its signature first when signing: a reader that sees the manifest sees its

@@ -78,26 +78,7 @@ pub async fn stage_locked(layout: &Layout, request: &StageRequest) -> Result<Sta
     let started = Instant::now();
     clean_leftovers(layout)?;
     let bundle = layout.bundle(&request.kernel_release, &request.driver_version);
-    let cached = cache::cached(&bundle).and_then(|manifest| {
-        if !takes(request, &manifest.flavor) {
-            return Err(format!("it holds the {} modules, which cannot drive this node's GPUs", manifest.flavor));
-        }
-        let signed_by = cached_signature(&bundle, request)?;
-        Ok((manifest, signed_by))
-    });
-    // A cached bundle that is whole but whose kept signature no longer satisfies the trusted keys
-    // (keys were turned on, or rotated) is checked against the bucket's signature before anything
-    // is replaced: its bytes may well be the signed ones.
-    let cached = match cached {
-        Err(reason) if request.trust.is_some() && cache::cached(&bundle).is_ok() => {
-            match refresh_signature(&bundle, request).await {
-                Ok(Some(found)) => Ok(found),
-                Ok(None) | Err(_) => Err(reason),
-            }
-        }
-        other => other,
-    };
-    let (manifest, downloaded_from, signed_by) = match cached {
+    let (manifest, downloaded_from, signed_by) = match reuse_cached(&bundle, request).await {
         Ok((manifest, signed_by)) => {
             info!(bundle = %bundle.display(), "cache hit: bundle already staged and verified");
             (manifest, None, signed_by)
@@ -122,16 +103,35 @@ pub async fn stage_locked(layout: &Layout, request: &StageRequest) -> Result<Sta
     Ok(Staged { bundle, manifest, downloaded_from, current, held_back_by, signed_by })
 }
 
+/// The cached bundle, when it can be used again: whole ([`cache::cached`]: checked once), of a
+/// flavor that drives this node's GPUs, and signed as the trusted keys ask. A whole bundle whose
+/// kept signature no longer satisfies them (keys turned on, or rotated) is checked against the
+/// bucket's signature before anything is replaced: its bytes may well be the signed ones. `Err`
+/// says why the bundle must be staged again.
+async fn reuse_cached(bundle: &Path, request: &StageRequest) -> std::result::Result<(Manifest, Option<KeyId>), String> {
+    let manifest = cache::cached(bundle)?;
+    if !takes(request, &manifest.flavor) {
+        return Err(format!("it holds the {} modules, which cannot drive this node's GPUs", manifest.flavor));
+    }
+    match cached_signature(bundle, request) {
+        Ok(signed_by) => Ok((manifest, signed_by)),
+        Err(reason) => match refresh_signature(bundle, request, &manifest.flavor).await {
+            Ok(Some(id)) => Ok((manifest, Some(id))),
+            Ok(None) => Err(reason),
+            Err(error) => Err(format!("{reason}; fetching the bucket's signature: {error}")),
+        },
+    }
+}
+
 /// The bucket's signature for a whole cached bundle's manifest: when it verifies over the cached
 /// bytes, it is kept beside them and the bundle is used as it is.
-async fn refresh_signature(bundle: &Path, request: &StageRequest) -> Result<Option<(Manifest, Option<KeyId>)>> {
+async fn refresh_signature(bundle: &Path, request: &StageRequest, flavor: &str) -> Result<Option<KeyId>> {
     let Some(trust) = &request.trust else { return Ok(None) };
-    let manifest = cache::cached(bundle)
-        .map_err(|reason| Error::Manifest { source_name: bundle.display().to_string(), reason })?;
-    let bytes = std::fs::read(bundle.join(manifest::FILE_NAME)).map_err(|e| Error::io("reading", bundle, e))?;
+    let path = bundle.join(manifest::FILE_NAME);
+    let bytes = std::fs::read(&path).map_err(|e| Error::io("reading", &path, e))?;
     let (gl, kernel, driver) = (&request.gardenlinux_version, &request.kernel_release, &request.driver_version);
     let client = s3::client(&request.s3).await?;
-    for keys in [BundleKeys::flavored(gl, kernel, driver, &manifest.flavor)?, BundleKeys::new(gl, kernel, driver)?] {
+    for keys in [BundleKeys::flavored(gl, kernel, driver, flavor)?, BundleKeys::new(gl, kernel, driver)?] {
         let key = signature::key_of(&keys.manifest);
         let Some(found) = s3::get_small(&client, &request.s3.bucket, &key, 64 << 10, &request.transfer).await? else {
             continue;
@@ -140,7 +140,7 @@ async fn refresh_signature(bundle: &Path, request: &StageRequest) -> Result<Opti
         if let Ok(id) = signature::verify(&trust.keys, &text, &bytes) {
             durable::write_atomic(&bundle.join(SIGNATURE_FILE), text.as_bytes())?;
             info!(bundle = %bundle.display(), signed_by = %id, "the cached bundle carries the bucket's signature now");
-            return Ok(Some((manifest, Some(id))));
+            return Ok(Some(id));
         }
     }
     Ok(None)
