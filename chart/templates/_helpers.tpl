@@ -116,7 +116,11 @@ Images.
 {{- if not $tag }}
 {{- fail "compiling needs the Garden Linux dev image: set gardenlinuxVersion or compiler.devImage.tag" }}
 {{- end }}
-{{- printf "%s:%s" .Values.compiler.devImage.repository $tag }}
+{{- include "nvidia-installer.imageRef" (list .Values.compiler.devImage $tag) }}
+{{- end }}
+
+{{- define "nvidia-installer.devicePluginImage" -}}
+{{- include "nvidia-installer.imageRef" (list .Values.devicePlugin.image .Values.devicePlugin.image.tag) }}
 {{- end }}
 
 {{/*
@@ -199,6 +203,9 @@ nvidia-installer command lines.
 {{- end }}
 {{- with .Values.nvidiaInstaller.s3Endpoint }}
 - --s3-endpoint={{ . }}
+{{- end }}
+{{- if include "nvidia-installer.s3CaConfigMapName" . }}
+- --s3-ca-file={{ include "nvidia-installer.s3CaDir" . }}/ca.crt
 {{- end }}
 {{- end }}
 
@@ -284,20 +291,129 @@ seccompProfile:
   type: RuntimeDefault
 {{- end }}
 
+{{/*
+Scheduling of the node pods (installer, compiler, device plugin): nvidiaInstaller.nodeAffinity and
+nvidiaInstaller.tolerations, unless the component's own values set `affinity` or `tolerations` (the
+device plugin's). Call with (list $ .Values.devicePlugin) or (list $ dict).
+*/}}
 {{- define "nvidia-installer.nodeScheduling" -}}
-priorityClassName: {{ .Values.nvidiaInstaller.priorityClassName }}
-{{- with .Values.nvidiaInstaller.nodeAffinity }}
+{{- $root := index . 0 }}
+{{- $own := index . 1 }}
+priorityClassName: {{ $root.Values.nvidiaInstaller.priorityClassName }}
+{{- if $own.affinity }}
+affinity:
+  {{- toYaml $own.affinity | nindent 2 }}
+{{- else if $root.Values.nvidiaInstaller.nodeAffinity }}
 affinity:
   nodeAffinity:
-    {{- toYaml . | nindent 4 }}
+    {{- toYaml $root.Values.nvidiaInstaller.nodeAffinity | nindent 4 }}
 {{- end }}
-{{- with .Values.nvidiaInstaller.tolerations }}
+{{- with (default $root.Values.nvidiaInstaller.tolerations $own.tolerations) }}
 tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.imagePullSecrets }}
+{{- with $root.Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Labels of a pod template: the component's labels and the user's podLabels, which may add labels but
+not replace the chart's (the selectors depend on them). Call with
+(list $ "webhook" .Values.webhook.podLabels "webhook.podLabels").
+*/}}
+{{- define "nvidia-installer.podLabels" -}}
+{{- $labels := include "nvidia-installer.labels" (list (index . 0) (index . 1)) | fromYaml }}
+{{- $extra := index . 2 | default dict }}
+{{- range $key := keys $extra | sortAlpha }}
+{{- if hasKey $labels $key }}
+{{- fail (printf "%s: %s is a label the chart sets on the pods itself; choose another key" (index $ 3) $key) }}
+{{- end }}
+{{- end }}
+{{- toYaml (merge $labels $extra) }}
+{{- end }}
+
+{{/*
+Annotations of the installer and compiler pods: nvidiaInstaller.podAnnotations, and the checksum of
+the S3 CA bundle the chart stores, so that a changed bundle rolls the pods.
+*/}}
+{{- define "nvidia-installer.nodePodAnnotations" -}}
+{{- $annotations := deepCopy (.Values.nvidiaInstaller.podAnnotations | default dict) }}
+{{- with .Values.nvidiaInstaller.s3CaBundle }}
+{{- $_ := set $annotations "checksum/s3-ca" (sha256sum .) }}
+{{- end }}
+{{- with $annotations }}
+{{- toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The user's extra volumes and mounts of one pod, checked against the chart's own: a volume name the
+chart uses, a mount of a volume that extraVolumes does not define, a mount path where the chart
+mounts something, or one under /host (the node's root as the installer sees it) fails the render.
+Call with (dict "key" "nvidiaInstaller" "values" .Values.nvidiaInstaller "volumes" (list ...)
+"mountPaths" (list ...)); renders nothing.
+*/}}
+{{- define "nvidia-installer.checkExtraVolumes" -}}
+{{- $key := .key }}
+{{- $extra := dict }}
+{{- range .values.extraVolumes }}
+{{- if has .name $.volumes }}
+{{- fail (printf "%s.extraVolumes: %s is the name of one of the chart's own volumes (%s); choose another name" $key .name (join ", " $.volumes)) }}
+{{- end }}
+{{- if hasKey $extra .name }}
+{{- fail (printf "%s.extraVolumes: %s is defined twice" $key .name) }}
+{{- end }}
+{{- $_ := set $extra .name true }}
+{{- end }}
+{{- range .values.extraVolumeMounts }}
+{{- if not (hasKey $extra .name) }}
+{{- fail (printf "%s.extraVolumeMounts: %s mounts volume %s, which %s.extraVolumes does not define" $key .mountPath .name $key) }}
+{{- end }}
+{{- $path := clean .mountPath }}
+{{- if or (has $path $.mountPaths) (eq $path "/host") (hasPrefix "/host/" $path) }}
+{{- fail (printf "%s.extraVolumeMounts: %s is where the chart mounts its own volumes (%s, and /host with everything under it); choose another path" $key .mountPath (join ", " $.mountPaths)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The S3 CA: nvidiaInstaller.s3CaBundle (stored in a ConfigMap of the chart) or
+nvidiaInstaller.s3CaConfigMap (an existing ConfigMap with the key ca.crt). Mounted read-only into
+the containers that talk to the bucket (install, modulus), which get --s3-ca-file.
+*/}}
+{{- define "nvidia-installer.s3CaConfigMapName" -}}
+{{- if and .Values.nvidiaInstaller.s3CaBundle .Values.nvidiaInstaller.s3CaConfigMap }}
+{{- fail "nvidiaInstaller.s3CaBundle and nvidiaInstaller.s3CaConfigMap are mutually exclusive: set the PEM text in s3CaBundle, or name an existing ConfigMap (key ca.crt) in s3CaConfigMap" }}
+{{- end }}
+{{- if .Values.nvidiaInstaller.s3CaConfigMap }}
+{{- .Values.nvidiaInstaller.s3CaConfigMap }}
+{{- else if .Values.nvidiaInstaller.s3CaBundle }}
+{{- include "nvidia-installer.componentName" (list . "s3-ca") }}
+{{- end }}
+{{- end }}
+
+{{- define "nvidia-installer.s3CaDir" -}}
+/etc/nvidia-installer/s3-ca
+{{- end }}
+
+{{- define "nvidia-installer.s3CaMount" -}}
+{{- if include "nvidia-installer.s3CaConfigMapName" . }}
+- name: s3-ca
+  mountPath: {{ include "nvidia-installer.s3CaDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "nvidia-installer.s3CaVolume" -}}
+{{- with include "nvidia-installer.s3CaConfigMapName" . }}
+- name: s3-ca
+  configMap:
+    name: {{ . }}
+    items:
+      - key: ca.crt
+        path: ca.crt
 {{- end }}
 {{- end }}
 

@@ -43,6 +43,9 @@ The install step of the installer DaemonSet: an init container, or a main contai
     {{- with include "nvidia-installer.bucketEnv" . | trim }}
     {{- . | nindent 4 }}
     {{- end }}
+    {{- with .Values.nvidiaInstaller.extraEnv }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
   # The only privileged step: loads kernel modules and creates the device nodes on the host.
   securityContext:
     privileged: true
@@ -65,5 +68,11 @@ The install step of the installer DaemonSet: an init container, or a main contai
     {{- if .Values.allowCompilation }}
     - name: cmd
       mountPath: /cmd
+    {{- end }}
+    {{- with include "nvidia-installer.s3CaMount" . | trim }}
+    {{- . | nindent 4 }}
+    {{- end }}
+    {{- with .Values.nvidiaInstaller.extraVolumeMounts }}
+    {{- toYaml . | nindent 4 }}
     {{- end }}
 {{- end }}

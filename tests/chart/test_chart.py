@@ -760,9 +760,11 @@ def test_schema_forbids_unknown_keys_at_every_level() -> None:
                 walk(child, f"{path}/{i}")
 
     walk(schema, "")
-    # Maps whose keys are names chosen by the user (annotations, node selector, resource names) and
-    # `global`, which Helm passes to every chart.
-    assert all(re.search(r"(annotations|podAnnotations|nodeSelector|limits|requests|global)$", p)
+    # Maps whose keys are names chosen by the user (annotations, labels, node selector, resource
+    # names), Kubernetes objects passed through as they are (an EnvVar's valueFrom, extra volumes, pod
+    # (anti-)affinity), and `global`, which Helm passes to every chart.
+    assert all(re.search(r"(annotations|podAnnotations|labels|nodeSelector|limits|requests|valueFrom"
+                         r"|extraVolumes/items|podAffinity|podAntiAffinity|global)$", p)
                for p in open_maps), open_maps
 
 
@@ -771,7 +773,8 @@ def test_every_value_is_documented_and_in_the_schema() -> None:
     entry without a default in values.yaml. Defaults that are Kubernetes objects (node affinity,
     tolerations, resources) are documented as a whole."""
     schema = json.loads((CHART_DIR / "values.schema.json").read_text())
-    passthrough = {"#/definitions/nodeAffinity", "#/definitions/tolerations", "#/definitions/resources"}
+    passthrough = {"#/definitions/nodeAffinity", "#/definitions/tolerations", "#/definitions/resources",
+                   "#/definitions/affinity"}
     text = (CHART_DIR / "values.yaml").read_text()
     lines = text.splitlines()
     problems = []
@@ -866,12 +869,25 @@ CONTAINERFILES = {"nvidiaInstaller": REPO_ROOT / "installer/Containerfile",
 
 
 def image_contents(containerfile: Path) -> tuple[str, set[str], str]:
-    """The final stage's base image, the paths it copies in, and its USER."""
-    final = containerfile.read_text().split("\nFROM ")[-1]
-    base = next(word for word in final.split() if not word.startswith("--"))
-    copied = set(re.findall(r"^COPY --from=\S+ \S+ (\S+)$", final, re.M))
-    [user] = re.findall(r"^USER (\S+)$", final, re.M)
-    return base, copied, user
+    """The default (last) stage's base image, the paths it and the stages it is built on copy in
+    from other stages, and its USER. Stages built FROM an earlier stage are followed to the image
+    they start from, with ARG defaults substituted."""
+    text = containerfile.read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.M))
+    stages: dict[str, tuple[str, str]] = {}
+    chunks = re.split(r"^FROM ", text, flags=re.M)[1:]
+    for chunk in chunks:
+        words = [w for w in chunk.split("\n", 1)[0].split() if not w.startswith("--")]
+        name = words[2] if len(words) > 2 and words[1].upper() == "AS" else ""
+        stages[name] = (re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], words[0]), chunk)
+    base, body = stages[list(stages)[-1]]
+    bodies = [body]
+    while base in stages:
+        base, body = stages[base]
+        bodies.append(body)
+    copied = {path for body in bodies for path in re.findall(r"^COPY --from=\S+ \S+ (\S+)$", body, re.M)}
+    users = [user for body in reversed(bodies) for user in re.findall(r"^USER (\S+)$", body, re.M)]
+    return base, copied, users[-1]
 
 
 @pytest.mark.parametrize("case", CASES)
