@@ -319,16 +319,16 @@ imagePullSecrets:
 {{- end }}
 
 {{/*
-Labels of a pod template: the component's labels and the user's podLabels, which may add labels but
-not replace the chart's (the selectors depend on them). Call with
+A component's labels and labels from the values (podLabels, a monitor's labels), which may add
+labels but not replace the chart's (the selectors depend on them). Call with
 (list $ "webhook" .Values.webhook.podLabels "webhook.podLabels").
 */}}
-{{- define "nvidia-installer.podLabels" -}}
+{{- define "nvidia-installer.labelsWith" -}}
 {{- $labels := include "nvidia-installer.labels" (list (index . 0) (index . 1)) | fromYaml }}
 {{- $extra := index . 2 | default dict }}
 {{- range $key := keys $extra | sortAlpha }}
 {{- if hasKey $labels $key }}
-{{- fail (printf "%s: %s is a label the chart sets on the pods itself; choose another key" (index $ 3) $key) }}
+{{- fail (printf "%s: %s is one of the chart's own labels; choose another key" (index $ 3) $key) }}
 {{- end }}
 {{- end }}
 {{- toYaml (merge $labels $extra) }}

@@ -250,7 +250,7 @@ def test_compiler_pods_take_the_installers_labels_and_annotations() -> None:
 @pytest.mark.parametrize("label", ["app.kubernetes.io/component", "app.kubernetes.io/instance", "helm.sh/chart"])
 def test_pod_labels_cannot_replace_the_charts(key: str, label: str) -> None:
     message = fails({key: {"podLabels": {label: "other"}}})
-    assert f"{key}.podLabels: {label} is a label the chart sets on the pods itself" in message
+    assert f"{key}.podLabels: {label} is one of the chart's own labels" in message
 
 
 # --- scheduling and resources -------------------------------------------------------------------------
