@@ -48,6 +48,11 @@ impl Layout {
     pub fn last_error(&self) -> PathBuf {
         self.root.join("last-error")
     }
+    /// What the last `install` run did (JSON: outcome, duration, bytes, retries, and running
+    /// totals), read by `status` for its metrics.
+    pub fn last_run(&self) -> PathBuf {
+        self.root.join("last-run.json")
+    }
     /// Staging directories: on the cache's filesystem, so publishing is a rename.
     pub fn staging(&self) -> PathBuf {
         self.root.join("staging")

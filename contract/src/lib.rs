@@ -71,6 +71,16 @@ pub const DEFAULT_MODULES: [&str; 3] = ["nvidia", "nvidia-uvm", "nvidia-modeset"
 /// [`DEFAULT_MODULES`] as one flag value.
 pub const DEFAULT_MODULES_TEXT: &str = "nvidia,nvidia-uvm,nvidia-modeset";
 
+/// Exit codes of `nvidia-installer`, for scripts and probes.
+pub mod exit {
+    /// Any failure not listed below.
+    pub const FAILURE: u8 = 1;
+    /// `status`: the node's driver is not ready (the JSON says why).
+    pub const NOT_READY: u8 = 3;
+    /// `wait`: the timeout passed before the driver was ready (as `timeout(1)` exits).
+    pub const WAIT_TIMEOUT: u8 = 124;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

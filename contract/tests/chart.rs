@@ -25,7 +25,7 @@ fn owned(section: &str) -> serde_json::Map<String, Value> {
 
 #[test]
 fn values_yaml_defaults_are_the_contracts() {
-    let values: Value = serde_yaml::from_str(&read(&chart().join("values.yaml"))).expect("values.yaml parses");
+    let values: Value = serde_yaml_ng::from_str(&read(&chart().join("values.yaml"))).expect("values.yaml parses");
     let owned = owned("values");
     assert!(!owned.is_empty());
     for (path, want) in owned {

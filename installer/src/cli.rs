@@ -251,6 +251,14 @@ pub struct S3Args {
     /// or trickling server); after the retries the stage fails naming the object.
     #[arg(long, env = "NVIDIA_INSTALLER_STALL_TIMEOUT", value_parser = humantime::parse_duration, default_value = "60s")]
     pub stall_timeout: Duration,
+    /// Wait a random time up to this long before the first request to the bucket (not on a cache
+    /// hit), so that a node pool started at once reaches the bucket spread out.
+    #[arg(long, env = "NVIDIA_INSTALLER_START_JITTER", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub start_jitter: Duration,
+    /// How long throttling (503 SlowDown, 429) is retried, with backoff and fewer requests in
+    /// flight, before staging fails; other failures are retried a few times only.
+    #[arg(long, env = "NVIDIA_INSTALLER_S3_DEADLINE", value_parser = humantime::parse_duration, default_value = "30m")]
+    pub s3_deadline: Duration,
 }
 
 /// Where the bucket is served and which CA to trust; shared by every command that talks to S3.
@@ -275,6 +283,7 @@ impl S3Endpoint {
             ca_file: given(&self.s3_ca_file),
             access_key_id: None,
             secret_access_key: None,
+            app_name: None,
         }
     }
 }
@@ -287,9 +296,9 @@ impl S3Args {
     pub fn transfer(&self) -> Transfer {
         Transfer {
             part_size: self.part_size,
-            concurrency: self.concurrency,
             stall_timeout: self.stall_timeout,
-            ..Transfer::default()
+            start_jitter: self.start_jitter,
+            ..Transfer::new(self.concurrency, self.s3_deadline)
         }
     }
 }
@@ -367,6 +376,14 @@ pub struct StatusArgs {
     /// How often --watch looks.
     #[arg(long, env = "NVIDIA_INSTALLER_STATUS_INTERVAL", value_parser = humantime::parse_duration, default_value = "30s")]
     pub interval: Duration,
+    /// With --watch: serve the node's metrics (Prometheus text) at GET /metrics on this address,
+    /// plain HTTP (e.g. 0.0.0.0:9402).
+    #[arg(long, env = "NVIDIA_INSTALLER_METRICS_LISTEN", requires = "watch")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Write the node's metrics to this file at every look (node-exporter's textfile collector:
+    /// a `*.prom` file in its directory).
+    #[arg(long, env = "NVIDIA_INSTALLER_METRICS_TEXTFILE")]
+    pub metrics_textfile: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

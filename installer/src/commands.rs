@@ -7,7 +7,7 @@ use std::time::Duration;
 use nvidia_contract::NameKind;
 use nvidia_contract::layout::Layout;
 use nvidia_contract::names;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::bundle::archive::Limits;
 use crate::bundle::manifest::ArchiveEntry;
@@ -23,7 +23,7 @@ use crate::compiler::publish;
 use crate::node::install::{self, InstallRequest};
 use crate::node::kernel::HostKernel;
 use crate::node::stage::{self, StageRequest, Trust};
-use crate::node::{api::Reporter, gc, gpus, ready, status};
+use crate::node::{api::Reporter, gc, gpus, metrics, ready, status};
 use crate::s3::Bucket;
 use crate::{Error, Result};
 
@@ -42,6 +42,7 @@ pub async fn stage(args: &StageArgs) -> Result<()> {
 
 pub async fn install(args: &InstallArgs) -> Result<()> {
     let mut stage = stage_request(&args.stage)?;
+    stage.s3.app_name = given(&args.node_name);
     let layout = args.stage.host.layout();
     stage.flavors = gpus::flavors_for(&gpus::nvidia_gpus(&layout), args.source.flavor)?;
     let mut compile = allow_compilation_request(args, &stage)?;
@@ -67,7 +68,14 @@ pub async fn install(args: &InstallArgs) -> Result<()> {
     }
     let reporter = Reporter::for_node(args.node_name.as_deref()).await?;
     let kernel = HostKernel { host_root: args.stage.host.host_root.clone() };
-    let marker = install::install(&layout, &request, &kernel, &reporter).await?;
+    let started = std::time::Instant::now();
+    let result = install::install(&layout, &request, &kernel, &reporter).await;
+    let versions = (request.stage.driver_version.as_str(), request.stage.kernel_release.as_str());
+    let s3 = request.stage.transfer.throttle.stats();
+    if let Err(error) = metrics::record_run(&layout, result.is_ok(), started.elapsed(), versions, s3) {
+        warn!(%error, "recording the run for the node's metrics");
+    }
+    let marker = result?;
     println!("NVIDIA driver {} ready for kernel {}", marker.driver_version, marker.kernel_release);
     Ok(())
 }
@@ -88,9 +96,23 @@ pub async fn wait(args: &WaitArgs) -> Result<()> {
 pub async fn status(args: &StatusArgs) -> Result<()> {
     let layout = args.host.layout();
     let pin = given(&args.driver_version);
+    if let Some(listen) = args.metrics_listen {
+        let (layout, pin) = (layout.clone(), pin.clone());
+        tokio::spawn(async move {
+            if let Err(error) = metrics::serve(listen, layout, pin).await {
+                tracing::error!(%error, "the metrics endpoint stopped");
+            }
+        });
+    }
     let mut last = String::new();
     loop {
         let state = status::status(&layout, pin.as_deref());
+        if let Some(path) = &args.metrics_textfile {
+            let text = metrics::render(&state, metrics::read_record(&layout).as_ref());
+            if let Err(error) = metrics::write_textfile(path, &text) {
+                warn!(%error, "writing the metrics textfile");
+            }
+        }
         let text = serde_json::to_string_pretty(&state)
             .map_err(|e| Error::Encode { what: "the status", reason: e.to_string() })?;
         if text != last {
@@ -98,7 +120,10 @@ pub async fn status(args: &StatusArgs) -> Result<()> {
             last = text;
         }
         if !args.watch {
-            return Ok(());
+            return match state.reason {
+                Some(reason) if !state.ready => Err(Error::NotReady(reason)),
+                _ => Ok(()),
+            };
         }
         tokio::time::sleep(args.interval.max(Duration::from_millis(100))).await;
     }

@@ -68,6 +68,8 @@ pub enum Error {
     Smi { path: PathBuf, reason: String },
     #[error("{0}")]
     WaitTimeout(String),
+    #[error("the NVIDIA driver is not ready: {0}")]
+    NotReady(String),
     #[error("encoding {what}: {reason}")]
     Encode { what: &'static str, reason: String },
     #[error("building the modules for kernel {kernel} failed: {error} (full log: {log})")]
@@ -91,6 +93,17 @@ impl Error {
 
     pub fn s3(operation: &'static str, bucket: &str, key: &str, reason: String) -> Self {
         Self::S3 { operation, bucket: bucket.to_owned(), key: key.to_owned(), reason }
+    }
+}
+
+impl Error {
+    /// The process's exit code for this error ([`nvidia_contract::exit`]).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::WaitTimeout(_) => nvidia_contract::exit::WAIT_TIMEOUT,
+            Error::NotReady(_) => nvidia_contract::exit::NOT_READY,
+            _ => nvidia_contract::exit::FAILURE,
+        }
     }
 }
 

@@ -8,7 +8,8 @@ fn main() -> std::process::ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("nvidia-installer: starting the async runtime: {error}");
+            let error = format!("starting the async runtime: {error}");
+            eprintln!("{}", nvidia_contract::logging::fatal_line(cli.log_format, "nvidia-installer", &error));
             return std::process::ExitCode::FAILURE;
         }
     };
@@ -29,8 +30,9 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("nvidia-installer: {error:#}");
-            std::process::ExitCode::FAILURE
+            let line = nvidia_contract::logging::fatal_line(cli.log_format, "nvidia-installer", &format!("{error:#}"));
+            eprintln!("{line}");
+            std::process::ExitCode::from(error.exit_code())
         }
     }
 }

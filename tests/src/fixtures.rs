@@ -75,6 +75,7 @@ pub fn s3_options(server: &S3Server, bucket: &str) -> S3Options {
         access_key_id: Some(server.access_key().into()),
         secret_access_key: Some(server.secret_key().into()),
         ca_file: Some(server.ca_file().to_owned()),
+        app_name: None,
     }
 }
 

@@ -46,7 +46,7 @@ pub struct ApiRequest {
     pub status: u16,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Store {
     /// Objects by their item path, e.g. `/api/v1/namespaces/ns/secrets/name`.
     objects: Mutex<BTreeMap<String, Value>>,
@@ -54,6 +54,18 @@ struct Store {
     requests: Mutex<Vec<ApiRequest>>,
     /// (method, path, status): the next matching request is answered with that status.
     faults: Mutex<VecDeque<(String, String, u16)>>,
+    /// Admission: applied to every created object whose collection path ends with the suffix, as
+    /// the API server calls a mutating webhook before it stores (or, on a dry run, only answers).
+    admission: Mutex<Vec<(String, Admission)>>,
+}
+
+/// A mutating admission step: the object as sent, the object to store.
+pub type Admission = Arc<dyn Fn(Value) -> Value + Send + Sync>;
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("objects", &lock(&self.objects).len()).finish_non_exhaustive()
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -168,6 +180,12 @@ impl ApiServer {
     }
 
     /// Answer the next `method` request to `path` with `status` (and change nothing).
+    /// Run `admission` on every object created in a collection whose path ends with `suffix`
+    /// (e.g. `/pods`), before it is stored or, for `dryRun=All`, answered without being stored.
+    pub fn admit(&self, suffix: &str, admission: Admission) {
+        lock(&self.store.admission).push((suffix.to_owned(), admission));
+    }
+
     pub fn fail_next(&self, method: &str, path: &str, status: u16) {
         lock(&self.store.faults).push_back((method.to_owned(), path.to_owned(), status));
     }
@@ -216,7 +234,28 @@ async fn handle(store: &Store, bearer: &str, request: Request<hyper::body::Incom
         };
         status(code, reason, format!("injected {code} for {method} {path}"))
     } else {
-        apply(store, &method, &path, content_type.as_deref(), &body)
+        let dry_run = query.as_deref().is_some_and(|q| q.split('&').any(|p| p == "dryRun=All"));
+        let mut body = body.clone();
+        if method == "POST" {
+            let admissions: Vec<Admission> = lock(&store.admission)
+                .iter()
+                .filter(|(s, _)| path.ends_with(s.as_str()))
+                .map(|(_, a)| Arc::clone(a))
+                .collect();
+            for admission in admissions {
+                body = admission(body);
+            }
+        }
+        if dry_run && method == "POST" {
+            let mut object = body.clone();
+            if object["metadata"]["name"].is_null() {
+                let prefix = object["metadata"]["generateName"].as_str().unwrap_or_default().to_owned();
+                object["metadata"]["name"] = json!(format!("{prefix}{}", &random_hex(3)[..5]));
+            }
+            (201, object)
+        } else {
+            apply(store, &method, &path, content_type.as_deref(), &body)
+        }
     };
     lock(&store.requests).push(ApiRequest { method, path, query, content_type, body, status });
     Response::builder()

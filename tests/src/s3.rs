@@ -24,4 +24,5 @@ pub use self::client::{client, client_config};
 pub use self::faults::{Fault, Faults};
 pub use self::log::{LogEntry, RequestLog};
 pub use self::server::{Options, S3Server};
+pub use self::wire::RequestRate;
 pub use hyper::{Method, StatusCode};

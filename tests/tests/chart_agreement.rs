@@ -35,7 +35,7 @@ fn render(sets: &[&str]) -> Vec<Value> {
     let output = command.output().expect("render");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let text = String::from_utf8(output.stdout).expect("utf8");
-    serde_yaml::Deserializer::from_str(&text)
+    serde_yaml_ng::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).expect("yaml"))
         .filter(|v: &Value| !v.is_null())
         .collect()

@@ -358,3 +358,55 @@ async fn transient_api_errors_are_retried() {
     assert_eq!(node["metadata"]["labels"][format!("{P}driver-ready")], "true");
     assert_eq!(api.objects(EVENTS).len(), 1, "one Event, not one per attempt");
 }
+
+/// `nvidia-webhook selftest` (what `helm test` runs) against `api`, in `namespace`.
+fn selftest(kubeconfig: &Path, namespace: &str) -> Output {
+    Command::new(workspace_binary("nvidia-webhook"))
+        .args(["selftest", "--namespace", namespace])
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .expect("selftest")
+}
+
+/// The API server as it admits pods with the webhook registered: the real mutation applied to
+/// every pod created in a labelled namespace, dry runs included.
+fn with_webhook(api: &ApiServer) {
+    let config = nvidia_webhook::config::InjectConfig::new("registry.example/nvidia-installer:1");
+    api.admit(
+        "/pods",
+        std::sync::Arc::new(move |pod: Value| {
+            let parsed = serde_json::from_value(pod.clone()).expect("a pod");
+            let mutation = nvidia_webhook::mutate::mutate(&parsed, &config).expect("mutates");
+            let mut patched = pod;
+            json_patch::patch(&mut patched, &mutation.patch).expect("the patch applies");
+            patched
+        }),
+    );
+}
+
+#[test]
+fn selftest_passes_when_the_api_server_injects_and_stores_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = ApiServer::start();
+    with_webhook(&api);
+    let output = ok(selftest(&api.kubeconfig(dir.path()), "gpu-selftest"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("injected"), "{stdout}");
+    let requests = api.requests();
+    assert_eq!(calls(&requests), vec![call("POST", "/api/v1/namespaces/gpu-selftest/pods", 201)]);
+    assert!(requests[0].query.as_deref().is_some_and(|q| q.contains("dryRun=All")), "{:?}", requests[0].query);
+    assert_eq!(requests[0].body["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"], "1");
+    assert!(api.objects("/api/v1/namespaces/gpu-selftest/pods").is_empty(), "a dry run stores nothing");
+}
+
+#[test]
+fn selftest_fails_naming_what_is_missing_when_nothing_injects() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = ApiServer::start();
+    let output = selftest(&api.kubeconfig(dir.path()), "gpu-selftest");
+    assert!(!output.status.success(), "no webhook, yet it passed");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("not injected") && stderr.contains("nvidia-driver-wait"), "{stderr}");
+    assert!(stderr.contains("gpu-selftest"), "{stderr}");
+}

@@ -33,6 +33,22 @@ pub enum Command {
     Inject(InjectArgs),
     /// Keep the serving certificate Secret valid and the webhook's caBundle in step (without cert-manager).
     Certs(CertsArgs),
+    /// Check in the cluster that a GPU pod in a labelled namespace gets the injection (a
+    /// server-side dry-run create; what `helm test` runs). Exits non-zero when it does not.
+    Selftest(SelftestArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SelftestArgs {
+    /// A namespace labelled for injection, where the service account may create pods.
+    #[arg(long, env = "NVIDIA_WEBHOOK_SELFTEST_NAMESPACE")]
+    pub namespace: String,
+    /// The GPU resource the probe pod requests.
+    #[arg(long, env = "NVIDIA_WEBHOOK_SELFTEST_RESOURCE", default_value = "nvidia.com/gpu")]
+    pub resource: String,
+    /// The probe pod's image (never pulled: the create is a dry run).
+    #[arg(long, env = "NVIDIA_WEBHOOK_SELFTEST_IMAGE", default_value = "registry.k8s.io/pause:3.10")]
+    pub image: String,
 }
 
 #[derive(Debug, Args)]

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod mutate;
 pub mod pod;
 pub mod quantity;
+pub mod selftest;
 pub mod server;
 pub mod tls;
 

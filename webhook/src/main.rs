@@ -7,17 +7,18 @@ use nvidia_certs::store::{self, Target};
 use nvidia_contract::logging;
 use nvidia_webhook::admission::AppState;
 use nvidia_webhook::cli::{Cli, Command};
-use nvidia_webhook::manifest;
 use nvidia_webhook::server::{ServeOptions, serve, shutdown_signal};
 use nvidia_webhook::tls::TlsFiles;
+use nvidia_webhook::{manifest, selftest};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    let format = cli.log_format;
+    logging::init(format);
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("nvidia-webhook: {error:#}");
+            eprintln!("{}", logging::fatal_line(format, "nvidia-webhook", &format!("{error:#}")));
             std::process::ExitCode::FAILURE
         }
     }
@@ -55,6 +56,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 anyhow::Ok(())
             })?;
+        }
+        Command::Selftest(args) => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let verdict = runtime.block_on(async {
+                let client = kube::Client::try_default().await.context("connecting to the API server")?;
+                selftest::run(client, &args.namespace, &args.resource, &args.image)
+                    .await
+                    .with_context(|| format!("creating a GPU pod in namespace {} as a dry run", args.namespace))
+            })?;
+            if !verdict.injected {
+                anyhow::bail!("a GPU pod in namespace {}: {}", args.namespace, verdict.detail);
+            }
+            println!("a GPU pod in namespace {}: {}", args.namespace, verdict.detail);
         }
         Command::Inject(args) => {
             let config = args.inject.config()?;

@@ -84,7 +84,7 @@ pub fn inject_text(input: &str, config: &InjectConfig) -> Result<(String, Vec<St
             documents.push(document.map_err(|e| Error::Manifest { index, reason: format!("not JSON: {e}") })?);
         }
     } else {
-        for (index, document) in serde_yaml::Deserializer::from_str(input).enumerate() {
+        for (index, document) in serde_yaml_ng::Deserializer::from_str(input).enumerate() {
             let value = Value::deserialize(document)
                 .map_err(|e| Error::Manifest { index, reason: format!("not YAML: {e}") })?;
             if !value.is_null() {
@@ -102,7 +102,7 @@ pub fn inject_text(input: &str, config: &InjectConfig) -> Result<(String, Vec<St
                 .map(|s| s + "\n")
                 .map_err(|e| Error::Manifest { index, reason: e.to_string() })?
         } else {
-            let yaml = serde_yaml::to_string(&injected.document)
+            let yaml = serde_yaml_ng::to_string(&injected.document)
                 .map_err(|e| Error::Manifest { index, reason: e.to_string() })?;
             format!("---\n{yaml}")
         };
@@ -153,7 +153,7 @@ spec:
         let config = InjectConfig::new("img");
         let (out, notes) = inject_text(DEPLOYMENT, &config).expect("inject");
         let docs: Vec<Value> =
-            serde_yaml::Deserializer::from_str(&out).map(|d| Value::deserialize(d).expect("yaml")).collect();
+            serde_yaml_ng::Deserializer::from_str(&out).map(|d| Value::deserialize(d).expect("yaml")).collect();
         assert_eq!(docs.len(), 3);
         assert_eq!(
             docs[0].pointer("/spec/template/spec/initContainers/0/name").and_then(Value::as_str),

@@ -30,6 +30,13 @@ pub struct Metrics {
     pub connections: Gauge,
     /// Connections closed at once because `max_connections` were open.
     pub refused_connections: Counter,
+    /// When the serving certificate expires (Unix seconds; 0: unknown), set at each (re)load.
+    pub certificate_expiry: Gauge,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: String,
 }
 
 impl Default for Metrics {
@@ -60,10 +67,29 @@ impl Metrics {
             "Connections closed at once because the connection limit was reached",
             refused_connections.clone(),
         );
+        let certificate_expiry = Gauge::default();
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When the serving certificate expires (Unix time); 0 when it cannot be read",
+            certificate_expiry.clone(),
+        );
+        let build = Family::<VersionLabel, Gauge>::default();
+        build.get_or_create(&VersionLabel { version: env!("CARGO_PKG_VERSION").to_owned() }).set(1);
+        registry.register("build_info", "The nvidia-webhook that serves, as a label", build);
         for reason in SkipReason::ALL.iter().map(|r| r.as_str()).chain([NOT_POD_CREATE]) {
             drop(skipped.get_or_create(&ReasonLabel { reason: reason.to_owned() }));
         }
-        Self { registry, requests, injected, skipped, errors, latency, connections, refused_connections }
+        Self {
+            registry,
+            requests,
+            injected,
+            skipped,
+            errors,
+            latency,
+            connections,
+            refused_connections,
+            certificate_expiry,
+        }
     }
 
     pub fn skip(&self, reason: &str) {
@@ -80,5 +106,47 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod doc_tests {
+    use std::collections::BTreeSet;
+
+    /// Metric names in the rows of the table under `heading` in docs/operations.md.
+    pub fn documented(heading: &str, prefix: &str) -> BTreeSet<String> {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md"))
+            .expect("docs/operations.md");
+        let section = doc.split(heading).nth(1).expect("the section").split("\n#").next().unwrap_or_default();
+        section
+            .lines()
+            .filter_map(|line| line.strip_prefix(&format!("| `{prefix}")))
+            .map(|rest| format!("{prefix}{}", rest.split(['`', '{']).next().unwrap_or_default()))
+            .collect()
+    }
+
+    /// Sample names in the text format (histogram series folded into their family).
+    pub fn exposed(text: &str) -> BTreeSet<String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .map(|n| {
+                ["_bucket", "_sum", "_count", "_created"]
+                    .iter()
+                    .find_map(|s| n.strip_suffix(s))
+                    .filter(|base| base.ends_with("_seconds"))
+                    .unwrap_or(n)
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_documented_webhook_metrics_are_the_exposed_ones() {
+        let metrics = super::Metrics::new();
+        metrics.requests.inc();
+        metrics.error("malformed");
+        metrics.latency.observe(0.001);
+        assert_eq!(documented("### The webhook", "nvidia_webhook_"), exposed(&metrics.encode()));
     }
 }

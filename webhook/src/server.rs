@@ -62,7 +62,10 @@ pub async fn serve_on(
     let listener = tokio::net::TcpListener::from_std(listener).map_err(serve_error)?;
     let loaded = wait_for_certificate(&options.tls).await?;
     let rustls = RustlsConfig::from_config(loaded.config);
-    let watcher = tokio::spawn(tls::watch(options.tls.clone(), rustls.clone(), loaded.digest, options.reload_interval));
+    let expiry = state.metrics.certificate_expiry.clone();
+    expiry.set(loaded.not_after.unwrap_or(0));
+    let watcher =
+        tokio::spawn(tls::watch(options.tls.clone(), rustls.clone(), loaded.digest, options.reload_interval, expiry));
     info!(%addr, cert = %options.tls.cert.display(), "serving admission reviews over HTTPS");
 
     let router = router(state.clone());

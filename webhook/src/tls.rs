@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use axum_server::tls_rustls::RustlsConfig;
 use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 
@@ -24,6 +25,8 @@ pub struct TlsFiles {
 pub struct Loaded {
     pub config: Arc<ServerConfig>,
     pub digest: [u8; 32],
+    /// When the leaf certificate expires (Unix seconds), when it can be read.
+    pub not_after: Option<i64>,
 }
 
 impl TlsFiles {
@@ -33,7 +36,11 @@ impl TlsFiles {
         let key_pem = read(&self.key)?;
         let digest: [u8; 32] = Sha256::new().chain_update(&cert_pem).chain_update(&key_pem).finalize().into();
         let config = server_config(&cert_pem, &key_pem, &self.cert, &self.key)?;
-        Ok(Loaded { config, digest })
+        let not_after = std::str::from_utf8(&cert_pem)
+            .ok()
+            .and_then(|pem| nvidia_certs::read(pem).ok())
+            .map(|summary| summary.not_after.unix_timestamp());
+        Ok(Loaded { config, digest, not_after })
     }
 
     /// Digest of the current file contents, or `None` when they cannot be read (mid-swap).
@@ -51,15 +58,16 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 /// Build a server config from PEM bytes; the paths only name the source in errors.
 pub fn server_config(cert_pem: &[u8], key_pem: &[u8], cert_path: &Path, key_path: &Path) -> Result<Arc<ServerConfig>> {
     let invalid = |path: &Path, reason: String| Error::TlsInvalid { path: path.to_owned(), reason };
-    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &cert_pem[..])
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| invalid(cert_path, format!("unreadable PEM: {e}")))?;
     if chain.is_empty() {
         return Err(invalid(cert_path, "no CERTIFICATE block".to_owned()));
     }
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
-        .map_err(|e| invalid(key_path, format!("unreadable PEM: {e}")))?
-        .ok_or_else(|| invalid(key_path, "no PRIVATE KEY block".to_owned()))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => invalid(key_path, "no PRIVATE KEY block".to_owned()),
+        e => invalid(key_path, format!("unreadable PEM: {e}")),
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -73,7 +81,13 @@ pub fn server_config(cert_pem: &[u8], key_pem: &[u8], cert_path: &Path, key_path
 
 /// Poll the files every `interval`; when their contents change and form a valid pair, swap the
 /// served certificate. A half-written pair is ignored until it becomes valid.
-pub async fn watch(files: TlsFiles, rustls: RustlsConfig, mut digest: [u8; 32], interval: Duration) {
+pub async fn watch(
+    files: TlsFiles,
+    rustls: RustlsConfig,
+    mut digest: [u8; 32],
+    interval: Duration,
+    expiry: prometheus_client::metrics::gauge::Gauge,
+) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
@@ -88,6 +102,7 @@ pub async fn watch(files: TlsFiles, rustls: RustlsConfig, mut digest: [u8; 32], 
             Ok(loaded) => {
                 rustls.reload_from_config(loaded.config);
                 digest = loaded.digest;
+                expiry.set(loaded.not_after.unwrap_or(0));
                 reported = None;
                 tracing::info!(cert = %files.cert.display(), "serving certificate reloaded");
             }

@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 fn chart_memory_limit_kib() -> u64 {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../chart/values.yaml");
     let values: serde_json::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(path).expect("values.yaml")).expect("values.yaml parses");
+        serde_yaml_ng::from_str(&std::fs::read_to_string(path).expect("values.yaml")).expect("values.yaml parses");
     let limit = values["webhook"]["resources"]["limits"]["memory"].as_str().expect("a memory limit").to_owned();
     let nanos = nvidia_webhook::quantity::nanos(&limit).expect("a quantity");
     u64::try_from(nanos / 1_000_000_000 / 1024).expect("fits")

@@ -14,6 +14,7 @@ use nvidia_webhook::InjectConfig;
 use nvidia_webhook::admission::AppState;
 use nvidia_webhook::server::{ServeOptions, serve_on};
 use nvidia_webhook::tls::TlsFiles;
+use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use tokio::net::TcpStream;
@@ -38,8 +39,8 @@ fn write_pair(dir: &Path, bundle: &Bundle) {
 /// A TLS connection trusting only `ca_pem`, with HTTP/1.1 on top.
 async fn connect(addr: SocketAddr, ca_pem: &str) -> Result<Sender, String> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
-        roots.add(CertificateDer::from(cert.expect("pem").to_vec())).expect("root");
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.expect("pem")).expect("root");
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)

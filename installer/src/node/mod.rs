@@ -15,6 +15,7 @@ pub mod gpus;
 pub mod install;
 pub mod kernel;
 pub mod lock;
+pub mod metrics;
 pub mod modules;
 pub mod ready;
 pub mod stage;

@@ -130,7 +130,7 @@ async fn refresh_signature(bundle: &Path, request: &StageRequest, flavor: &str) 
     let path = bundle.join(manifest::FILE_NAME);
     let bytes = std::fs::read(&path).map_err(|e| Error::io("reading", &path, e))?;
     let (gl, kernel, driver) = (&request.gardenlinux_version, &request.kernel_release, &request.driver_version);
-    let client = s3::client(&request.s3).await?;
+    let client = s3::client_paced(&request.s3, &request.transfer).await?;
     for keys in [BundleKeys::flavored(gl, kernel, driver, flavor)?, BundleKeys::new(gl, kernel, driver)?] {
         let key = signature::key_of(&keys.manifest);
         let Some(found) = s3::get_small(&client, &request.s3.bucket, &key, 64 << 10, &request.transfer).await? else {
@@ -368,7 +368,8 @@ async fn download_and_publish(
     request: &StageRequest,
     bundle: &Path,
 ) -> Result<(Manifest, String, Option<KeyId>)> {
-    let client = s3::client(&request.s3).await?;
+    request.transfer.jitter_start().await;
+    let client = s3::client_paced(&request.s3, &request.transfer).await?;
     let located = locate(&client, request).await?;
     let bucket = request.s3.bucket.clone();
     let source = format!("s3://{bucket}/{}", located.key);

@@ -1,5 +1,7 @@
 //! The bucket: client construction, object keys, and ranged, resumable, parallel downloads.
 
+mod throttle;
+
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -16,6 +18,8 @@ use tracing::{info, warn};
 
 pub use nvidia_contract::BundleKeys;
 
+pub use throttle::{Throttle, ThrottleStats};
+
 use crate::{Error, Result};
 
 /// How to reach the bucket. Secrets are kept out of `Debug`.
@@ -28,6 +32,9 @@ pub struct S3Options {
     pub ca_file: Option<PathBuf>,
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
+    /// Appended to the User-Agent as `app/<name>` (the node's name): the bucket's access logs then
+    /// say which node sent what.
+    pub app_name: Option<String>,
 }
 
 impl std::fmt::Debug for S3Options {
@@ -38,17 +45,27 @@ impl std::fmt::Debug for S3Options {
             .field("region", &self.region)
             .field("ca_file", &self.ca_file)
             .field("static_credentials", &self.access_key_id.is_some())
+            .field("app_name", &self.app_name)
             .finish()
     }
 }
 
-/// How downloads are split and retried.
-#[derive(Debug, Clone, Copy)]
+/// How downloads are split, paced and retried. Clones share one [`Throttle`]: the requests of one
+/// stage are paced together.
+#[derive(Debug, Clone)]
 pub struct Transfer {
     pub part_size: u64,
+    /// The most requests in flight (the throttle starts lower and adapts).
     pub concurrency: usize,
+    /// Attempts at a request that fails for another reason than throttling.
     pub max_attempts: u32,
+    /// The first retry waits up to this long; each further one up to twice as long (full jitter).
     pub backoff: Duration,
+    /// A random wait up to this long before the first request to the bucket, so that a node pool
+    /// started at once does not reach the bucket at once.
+    pub start_jitter: Duration,
+    /// Shared pacing: adaptive concurrency, and the deadline until which throttling is retried.
+    pub throttle: Arc<Throttle>,
     /// The longest one attempt at a ranged GET may take. A server that stalls or trickles (a byte
     /// now and then keeps a read timeout happy) is cut off after this, and the part is retried
     /// from where it stopped.
@@ -57,15 +74,36 @@ pub struct Transfer {
 
 impl Default for Transfer {
     fn default() -> Self {
+        Self::new(8, DEFAULT_THROTTLE_PATIENCE)
+    }
+}
+
+impl Transfer {
+    /// At most `concurrency` requests in flight; throttling retried for `patience` from now.
+    pub fn new(concurrency: usize, patience: Duration) -> Self {
         Self {
             part_size: 4 << 20,
-            concurrency: 8,
+            concurrency,
             max_attempts: 6,
             backoff: Duration::from_millis(200),
+            start_jitter: Duration::ZERO,
+            throttle: Throttle::new(concurrency, patience),
             stall_timeout: DEFAULT_STALL_TIMEOUT,
         }
     }
+
+    /// Sleep a random part of [`start_jitter`](Self::start_jitter).
+    pub async fn jitter_start(&self) {
+        if !self.start_jitter.is_zero() {
+            let wait = Duration::from_micros(fastrand::u64(0..=self.start_jitter.as_micros() as u64));
+            info!(wait_ms = wait.as_millis() as u64, "spreading the first request to the bucket");
+            tokio::time::sleep(wait).await;
+        }
+    }
 }
+
+/// How long throttling (503 SlowDown, 429) is retried unless configured.
+pub const DEFAULT_THROTTLE_PATIENCE: Duration = Duration::from_secs(30 * 60);
 
 /// [`Transfer::stall_timeout`] unless configured: a 4 MiB part in a minute is 70 KB/s.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -94,9 +132,14 @@ const DEFAULT_REGION: &str = "us-east-1";
 /// configured the client then uses that region; a configured region that is wrong is followed once,
 /// with a warning naming both.
 pub async fn client(options: &S3Options) -> Result<Client> {
+    client_paced(options, &Transfer::default()).await
+}
+
+/// [`client`], its HeadBucket paced and retried as `transfer` says.
+pub async fn client_paced(options: &S3Options, transfer: &Transfer) -> Result<Client> {
     let (client, configured) = build_client(options, None).await?;
     let used = client.config().region().map(|r| r.as_ref().to_owned()).unwrap_or_else(|| DEFAULT_REGION.to_owned());
-    let Some(actual) = bucket_region(&client, &options.bucket).await? else { return Ok(client) };
+    let Some(actual) = bucket_region(&client, &options.bucket, transfer).await? else { return Ok(client) };
     if actual == used {
         return Ok(client);
     }
@@ -110,11 +153,14 @@ pub async fn client(options: &S3Options) -> Result<Client> {
 
 /// The region S3 names for `bucket` (`x-amz-bucket-region` of a HeadBucket, whatever its status);
 /// `None` when it names none (an S3-compatible store).
-async fn bucket_region(client: &Client, bucket: &str) -> Result<Option<String>> {
-    let transfer = Transfer::default();
-    let mut attempt = 0;
+async fn bucket_region(client: &Client, bucket: &str, transfer: &Transfer) -> Result<Option<String>> {
+    let mut retries = Retries::new(transfer);
     let named = loop {
-        match client.head_bucket().bucket(bucket).send().await {
+        let sent = {
+            let _permit = transfer.throttle.acquire().await;
+            client.head_bucket().bucket(bucket).send().await
+        };
+        match sent {
             Ok(out) => break out.bucket_region().map(str::to_owned),
             Err(SdkError::ServiceError(service)) if service.raw().headers().get("x-amz-bucket-region").is_some() => {
                 break service.raw().headers().get("x-amz-bucket-region").map(str::to_owned);
@@ -122,11 +168,14 @@ async fn bucket_region(client: &Client, bucket: &str) -> Result<Option<String>> 
             Err(SdkError::ResponseError(response)) => {
                 break response.raw().headers().get("x-amz-bucket-region").map(str::to_owned);
             }
-            Err(error) if transient(&error) && attempt + 1 < transfer.max_attempts => {
-                warn!(bucket, error = %describe(&error), attempt, "HeadBucket failed; retrying");
-                tokio::time::sleep(backoff(&transfer, attempt)).await;
-                attempt += 1;
-            }
+            Err(error) if transient(&error) => match retries.after(classify(&error)) {
+                Some(wait) => {
+                    let attempts = retries.attempts();
+                    warn!(bucket, error = %describe(&error), attempts, "HeadBucket failed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                None => return Err(gave_up("HEAD", bucket, "", &retries, &describe(&error))),
+            },
             // Refused without naming a region (an S3-compatible store): the configured one stays.
             Err(SdkError::ServiceError(_)) => break None,
             Err(error) => return Err(Error::s3("HEAD", bucket, "", describe(&error))),
@@ -175,18 +224,89 @@ async fn build_client(options: &S3Options, region: Option<&str>) -> Result<(Clie
     if let Some(endpoint) = &options.endpoint {
         config = config.endpoint_url(endpoint).force_path_style(true);
     }
+    // A node name that is no valid app name (it always is: DNS names) only goes unnamed.
+    if let Some(name) = options.app_name.as_deref().and_then(|n| aws_sdk_s3::config::AppName::new(n.to_owned()).ok()) {
+        config = config.app_name(name);
+    }
     Ok((Client::from_conf(config.build()), configured && region.is_none()))
+}
+
+/// What a failed attempt calls for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The server asks to slow down (503 SlowDown or any 503, 429), perhaps saying how long to wait.
+    Throttled(Option<Duration>),
+    /// Worth another attempt (a 5xx, a timeout, a connection lost).
+    Transient,
+    /// Not worth another attempt.
+    Fatal,
+}
+
+fn classify<E: ProvideErrorMetadata>(error: &SdkError<E, aws_smithy_runtime_api::http::Response>) -> Failure {
+    match error {
+        SdkError::ServiceError(service) => {
+            let status = service.raw().status().as_u16();
+            let retry_after = || service.raw().headers().get("retry-after").and_then(throttle::parse_retry_after);
+            if status == 429 || status == 503 || service.err().code() == Some("SlowDown") {
+                Failure::Throttled(retry_after())
+            } else if status >= 500 || service.err().code() == Some("RequestTimeout") {
+                Failure::Transient
+            } else {
+                Failure::Fatal
+            }
+        }
+        SdkError::ConstructionFailure(_) => Failure::Fatal,
+        _ => Failure::Transient,
+    }
 }
 
 /// Whether an S3 failure is worth another attempt.
 fn transient<E: ProvideErrorMetadata>(error: &SdkError<E, aws_smithy_runtime_api::http::Response>) -> bool {
-    match error {
-        SdkError::ServiceError(service) => {
-            let status = service.raw().status().as_u16();
-            status >= 500 || status == 429 || matches!(service.err().code(), Some("SlowDown" | "RequestTimeout"))
-        }
-        SdkError::ConstructionFailure(_) => false,
-        _ => true,
+    classify(error) != Failure::Fatal
+}
+
+/// The attempts at one request.
+struct Retries<'a> {
+    transfer: &'a Transfer,
+    failed: u32,
+    throttled: u32,
+}
+
+impl<'a> Retries<'a> {
+    fn new(transfer: &'a Transfer) -> Self {
+        Self { transfer, failed: 0, throttled: 0 }
+    }
+
+    /// After a failed attempt: how long to wait before the next, or `None` to give up. Throttling
+    /// is retried until the throttle's deadline; other failures `max_attempts` times in all.
+    fn after(&mut self, failure: Failure) -> Option<Duration> {
+        let throttle = &self.transfer.throttle;
+        let wait = match failure {
+            Failure::Fatal => return None,
+            Failure::Throttled(asked) => {
+                self.throttled += 1;
+                // The throttle pauses this stage's every request; this one goes when it may.
+                let wait = throttle.slow_down(self.transfer.backoff, asked);
+                if !throttle.can_wait(wait) {
+                    return None;
+                }
+                wait
+            }
+            Failure::Transient => {
+                self.failed += 1;
+                if self.failed >= self.transfer.max_attempts {
+                    return None;
+                }
+                throttle::full_jitter(self.transfer.backoff, self.failed)
+            }
+        };
+        throttle.retried();
+        Some(wait)
+    }
+
+    /// How many attempts have failed so far, for messages.
+    fn attempts(&self) -> u32 {
+        self.failed + self.throttled
     }
 }
 
@@ -222,9 +342,14 @@ fn describe<E: ProvideErrorMetadata + std::error::Error + 'static>(
     }
 }
 
-fn backoff(transfer: &Transfer, attempt: u32) -> Duration {
-    let base = transfer.backoff.saturating_mul(1 << attempt.min(6));
-    base + Duration::from_millis(fastrand::u64(0..=base.as_millis() as u64 / 2 + 1))
+/// The error for a request given up on, saying whether throttling or failures made it give up.
+fn gave_up(op: &'static str, bucket: &str, key: &str, retries: &Retries<'_>, last: &str) -> Error {
+    let why = if retries.throttled > 0 && retries.failed < retries.transfer.max_attempts {
+        format!("still throttled at the deadline after {} attempts: {last}", retries.attempts())
+    } else {
+        format!("gave up after {} attempts: {last}", retries.attempts())
+    };
+    Error::s3(op, bucket, key, why)
 }
 
 /// Size and ETag of an object; `None` when it does not exist.
@@ -234,20 +359,28 @@ pub async fn head(
     key: &str,
     transfer: &Transfer,
 ) -> Result<Option<(u64, Option<String>)>> {
-    let mut attempt = 0;
+    let mut retries = Retries::new(transfer);
     loop {
-        match client.head_object().bucket(bucket).key(key).send().await {
+        let sent = {
+            let _permit = transfer.throttle.acquire().await;
+            client.head_object().bucket(bucket).key(key).send().await
+        };
+        match sent {
             Ok(out) => {
+                transfer.throttle.succeeded();
                 let size = out.content_length().and_then(|n| u64::try_from(n).ok()).unwrap_or(0);
                 return Ok(Some((size, out.e_tag().map(str::to_owned))));
             }
             Err(error) if status(&error) == Some(404) => return Ok(None),
-            Err(error) if transient(&error) && attempt + 1 < transfer.max_attempts => {
-                warn!(bucket, key, error = %describe(&error), attempt, "HEAD failed; retrying");
-                tokio::time::sleep(backoff(transfer, attempt)).await;
-                attempt += 1;
-            }
-            Err(error) => return Err(Error::s3("HEAD", bucket, key, describe(&error))),
+            Err(error) => match retries.after(classify(&error)) {
+                Some(wait) => {
+                    let attempts = retries.attempts();
+                    warn!(bucket, key, error = %describe(&error), attempts, "HEAD failed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                None if transient(&error) => return Err(gave_up("HEAD", bucket, key, &retries, &describe(&error))),
+                None => return Err(Error::s3("HEAD", bucket, key, describe(&error))),
+            },
         }
     }
 }
@@ -287,7 +420,7 @@ pub async fn get_range(
     let want = usize::try_from(last - first + 1).map_err(|_| Error::s3("GET", bucket, key, "part too large".into()))?;
     buffer.clear();
     buffer.reserve(want);
-    let mut attempt = 0u32;
+    let mut retries = Retries::new(transfer);
     loop {
         let from = first + buffer.len() as u64;
         let mut request = client.get_object().bucket(bucket).key(key).range(format!("bytes={from}-{last}"));
@@ -295,26 +428,40 @@ pub async fn get_range(
             request = request.if_match(etag);
         }
         let had = buffer.len();
-        let failure = match tokio::time::timeout(transfer.stall_timeout, fetch(request, &mut buffer, want)).await {
-            Ok(Fetched::Complete) => return Ok(buffer.freeze()),
-            Ok(Fetched::Failed(failure)) => failure,
+        let permit = transfer.throttle.acquire().await;
+        let fetched = tokio::time::timeout(transfer.stall_timeout, fetch(request, &mut buffer, want)).await;
+        drop(permit);
+        let (kind, failure) = match fetched {
+            Ok(Fetched::Complete) => {
+                transfer.throttle.succeeded();
+                transfer.throttle.received(want as u64);
+                return Ok(buffer.freeze());
+            }
+            Ok(Fetched::Failed(kind, failure)) => (kind, failure),
             Ok(Fetched::TooMuch) => {
                 return Err(Error::s3("GET", bucket, key, format!("bytes={from}-{last} returned more than asked")));
             }
             Ok(Fetched::Refused(error)) => return Err(Error::s3("GET", bucket, key, error)),
-            Err(_) => format!(
-                "stalled: bytes={from}-{last} not complete after {} ({} bytes of this part received, {} in this attempt)",
-                humantime::format_duration(transfer.stall_timeout),
-                buffer.len(),
-                buffer.len() - had
+            Err(_) => (
+                Failure::Transient,
+                format!(
+                    "stalled: bytes={from}-{last} not complete after {} ({} bytes of this part received, {} in this attempt)",
+                    humantime::format_duration(transfer.stall_timeout),
+                    buffer.len(),
+                    buffer.len() - had
+                ),
             ),
         };
-        attempt += 1;
-        if attempt >= transfer.max_attempts {
-            return Err(Error::s3("GET", bucket, key, format!("gave up after {attempt} attempts: {failure}")));
+        let Some(wait) = retries.after(kind) else {
+            return Err(gave_up("GET", bucket, key, &retries, &failure));
+        };
+        let attempts = retries.attempts();
+        let range = format!("{from}-{last}");
+        match kind {
+            Failure::Throttled(_) => info!(bucket, key, %range, error = %failure, attempts, "throttled; backing off"),
+            _ => warn!(bucket, key, %range, error = %failure, attempts, "transient S3 failure; resuming"),
         }
-        warn!(bucket, key, range = %format!("{from}-{last}"), error = %failure, attempt, "transient S3 failure; resuming");
-        tokio::time::sleep(backoff(transfer, attempt)).await;
+        tokio::time::sleep(wait).await;
     }
 }
 
@@ -322,7 +469,7 @@ pub async fn get_range(
 enum Fetched {
     Complete,
     /// Worth another attempt (from where it stopped).
-    Failed(String),
+    Failed(Failure, String),
     TooMuch,
     /// Not worth another attempt.
     Refused(String),
@@ -336,7 +483,7 @@ async fn fetch(
 ) -> Fetched {
     let mut body = match request.send().await {
         Ok(out) => out.body,
-        Err(error) if transient(&error) => return Fetched::Failed(describe(&error)),
+        Err(error) if transient(&error) => return Fetched::Failed(classify(&error), describe(&error)),
         Err(error) => {
             return Fetched::Refused(match status(&error) {
                 Some(412) => "the object changed while it was being downloaded".to_owned(),
@@ -353,8 +500,13 @@ async fn fetch(
                 buffer.extend_from_slice(&chunk);
             }
             Ok(None) if buffer.len() == want => return Fetched::Complete,
-            Ok(None) => return Fetched::Failed(format!("body ended after {} of {want} bytes", buffer.len())),
-            Err(error) => return Fetched::Failed(format!("body cut short: {error}")),
+            Ok(None) => {
+                return Fetched::Failed(
+                    Failure::Transient,
+                    format!("body ended after {} of {want} bytes", buffer.len()),
+                );
+            }
+            Err(error) => return Fetched::Failed(Failure::Transient, format!("body cut short: {error}")),
         }
     }
 }
@@ -416,7 +568,7 @@ pub async fn download(
     let mut stream = futures::stream::iter(parts)
         .map(|(first, last)| {
             let (client, bucket_name, key_name) = (client.clone(), bucket.to_owned(), key.to_owned());
-            let (etag, transfer, buffer) = (etag.map(str::to_owned), *transfer, buffers.take());
+            let (etag, transfer, buffer) = (etag.map(str::to_owned), transfer.clone(), buffers.take());
             let task = PartTask(tokio::spawn(async move {
                 get_range(&client, &bucket_name, &key_name, first, last, etag.as_deref(), &transfer, buffer).await
             }));

@@ -404,7 +404,7 @@ fn url(webhook: &Webhook, path: &str) -> String {
 /// The pod a ReplicaSet controller creates from the manifest's first pod template, as the API
 /// server sends it to the webhook.
 fn review_for(manifest: &str) -> Result<(Value, String), String> {
-    let documents: Vec<Value> = serde_yaml::Deserializer::from_str(manifest)
+    let documents: Vec<Value> = serde_yaml_ng::Deserializer::from_str(manifest)
         .map(|d| serde::Deserialize::deserialize(d).map_err(|e| format!("manifest: {e}")))
         .collect::<Result<_, _>>()?;
     let workload = documents

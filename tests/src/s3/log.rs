@@ -17,6 +17,10 @@ pub struct LogEntry {
     pub query: Option<String>,
     /// The `Range` header, as sent.
     pub range: Option<String>,
+    /// When the request arrived.
+    pub received: std::time::Instant,
+    /// The `User-Agent` header (the installer names its node in it: `app/<node>`).
+    pub user_agent: Option<String>,
     /// The status sent; `None` while the response is not ready or when the connection was reset.
     pub status: Option<u16>,
     /// Response body bytes handed to the connection so far.

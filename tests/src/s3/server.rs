@@ -23,7 +23,7 @@ use tokio_rustls::TlsAcceptor;
 use super::faults::Faults;
 use super::log::RequestLog;
 use super::store::Backend;
-use super::wire::{Connection, ConnectionIo, Front, State};
+use super::wire::{Connection, ConnectionIo, Front, RequestRate, State};
 use crate::support::{random_hex, tls_acceptor};
 
 const REGION: &str = "us-east-1";
@@ -168,6 +168,8 @@ impl S3Server {
             ("AWS_REGION", REGION.to_owned()),
             ("NVIDIA_INSTALLER_S3_ENDPOINT", self.endpoint.clone()),
             ("NVIDIA_INSTALLER_S3_CA_FILE", self.ca_file.display().to_string()),
+            // One node at a time in a test: no need to spread the first request.
+            ("NVIDIA_INSTALLER_START_JITTER", "0s".to_owned()),
         ]
     }
 
@@ -190,6 +192,12 @@ impl S3Server {
     /// `x-amz-bucket-region`, and every answer about the bucket carries that header.
     pub fn set_bucket_region(&self, bucket: &str, region: &str) {
         self.state.set_bucket_region(bucket, region);
+    }
+
+    /// Takes at most `rate` requests per second (a token bucket) and answers the others `503
+    /// SlowDown`, as S3 answers a burst on one prefix; `None` lifts the limit.
+    pub fn set_request_rate(&self, rate: Option<RequestRate>) {
+        self.state.set_request_rate(rate);
     }
 
     /// Caps each connection's response bodies at `limit` bytes per second, from the next response on.

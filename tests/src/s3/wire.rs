@@ -41,6 +41,39 @@ pub(crate) struct State {
     /// Buckets that live in another region than the server's default, as AWS has them: a request
     /// signed for another region gets `301 PermanentRedirect` with `x-amz-bucket-region`.
     bucket_regions: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
+    /// The request rate the server takes before it answers `503 SlowDown`, as S3 does per prefix.
+    request_rate: Mutex<Option<RequestRate>>,
+}
+
+/// A request-rate limit: a token bucket of `burst` requests refilled at `per_second`.
+#[derive(Debug, Clone)]
+pub struct RequestRate {
+    pub per_second: f64,
+    pub burst: f64,
+    /// Sent with each `503 SlowDown` when set (S3 sends none; other stores do).
+    pub retry_after: Option<u64>,
+    tokens: f64,
+    at: Option<Instant>,
+}
+
+impl RequestRate {
+    pub fn new(per_second: f64, burst: f64, retry_after: Option<u64>) -> Self {
+        Self { per_second, burst, retry_after, tokens: burst, at: None }
+    }
+
+    /// Whether one more request fits now; takes its token when it does.
+    fn admit(&mut self, now: Instant) -> bool {
+        if let Some(at) = self.at {
+            self.tokens = (self.tokens + now.duration_since(at).as_secs_f64() * self.per_second).min(self.burst);
+        }
+        self.at = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl State {
@@ -63,6 +96,18 @@ impl State {
 
     fn bucket_region(&self, bucket: &str) -> Option<String> {
         self.bucket_regions.lock().ok()?.get(bucket).cloned()
+    }
+
+    pub(crate) fn set_request_rate(&self, rate: Option<RequestRate>) {
+        *self.request_rate.lock().unwrap_or_else(PoisonError::into_inner) = rate;
+    }
+
+    /// `None` when the request may be served, else the `Retry-After` to answer `503 SlowDown` with
+    /// (`Some(None)`: none).
+    fn refuse(&self) -> Option<Option<u64>> {
+        let mut rate = self.request_rate.lock().unwrap_or_else(PoisonError::into_inner);
+        let rate = rate.as_mut()?;
+        if rate.admit(Instant::now()) { None } else { Some(rate.retry_after) }
     }
 }
 
@@ -200,12 +245,26 @@ impl Front {
             path: path.clone(),
             query: request.uri().query().map(str::to_owned),
             range: request.headers().get(RANGE).and_then(|range| range.to_str().ok()).map(str::to_owned),
+            received: std::time::Instant::now(),
+            user_agent: request
+                .headers()
+                .get(hyper::header::USER_AGENT)
+                .and_then(|agent| agent.to_str().ok())
+                .map(str::to_owned),
             status: None,
             bytes_sent: 0,
             fault: fault.clone(),
             bandwidth_limit,
         });
 
+        if let Some(retry_after) = self.state.refuse() {
+            let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, "SlowDown", &path);
+            if let Some(seconds) = retry_after {
+                response.headers_mut().insert(hyper::header::RETRY_AFTER, seconds.into());
+            }
+            log::lock(&entry).status = Some(response.status().as_u16());
+            return Ok(response.map(|body| ResponseBody::new(body, entry, self.connection, bandwidth_limit, None)));
+        }
         let bucket = path.trim_start_matches('/').split('/').next().unwrap_or_default().to_owned();
         let region = self.state.bucket_region(&bucket);
         if let Some(region) = &region
