@@ -60,3 +60,12 @@ def test_binary_runs_in_its_image(image: tuple[str, str], flag: str) -> None:
         assert result.stdout.strip() == f"{binary} {VERSION}"
     else:
         assert "Usage:" in result.stdout and "Commands:" in result.stdout, result.stdout
+
+
+def test_installer_image_has_the_commands_the_chart_and_install_run(installer_image: str) -> None:
+    """`cp` (the allowCompilation copy step) and `chroot` (install runs the bundle's nvidia-smi
+    inside the host root), found on the image's PATH by the chart's UID."""
+    result = podman("run", "--rm", "--network", "none", "--user", f"{CHART_UID}:{CHART_UID}", "--read-only",
+                    "--entrypoint", "sh", installer_image, "-c", "for c in cp chroot; do command -v $c || exit 1; done", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [Path(line).name for line in result.stdout.split()] == ["cp", "chroot"]
