@@ -140,7 +140,7 @@ def installer_manifest(published: Published, host: Path, metrics_port: int) -> l
 
 
 @pytest.fixture(scope="module")
-def installer_pod(installer_image: str, webhook_image: str, published: Published, host_root: Path,
+def installer_pod(installer_image: str, published: Published, host_root: Path,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """The installer pod played until its status container has reported once; yields what it
     printed and the manifest."""
@@ -199,6 +199,10 @@ def test_install_step_ran_as_rendered(installer_pod: dict[str, Any]) -> None:
     assert inspected["HostConfig"]["Privileged"] is True
     assert inspected["Config"]["User"] in ("0", "0:0", "")
     assert inspected["HostConfig"]["ReadonlyRootfs"] is True
+    # The bucket's private CA came through the chart's ConfigMap (s3CaBundle): the download succeeded.
+    assert "--s3-ca-file=/etc/nvidia-installer/s3-ca/ca.crt" in inspected["Config"]["Cmd"]
+    [ca] = [m for m in inspected["Mounts"] if m["Destination"] == "/etc/nvidia-installer/s3-ca"]
+    assert ca["RW"] is False
 
 
 def test_status_container_reports_the_staged_driver(installer_pod: dict[str, Any]) -> None:
