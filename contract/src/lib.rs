@@ -40,6 +40,17 @@ pub const INJECTED_ANNOTATION: &str = "nvidia-installer.gardenlinux.io/injected"
 pub const DRIVER_VERSION_LABEL: &str = "nvidia-installer.gardenlinux.io/driver-version";
 /// Node label: `true` once the driver is loaded and checked, `false` after a failed install.
 pub const DRIVER_READY_LABEL: &str = "nvidia-installer.gardenlinux.io/driver-ready";
+/// Node label: where a live driver upgrade stands (`upgrade-required`, `cordoned`, `draining`,
+/// `unloading`, `installing`, `validating`, `done`, `failed`); `kubectl get nodes -L` shows a rollout.
+pub const UPGRADE_STATE_LABEL: &str = "nvidia-installer.gardenlinux.io/upgrade-state";
+/// Node annotation: the driver version the upgrade moves to.
+pub const UPGRADE_TARGET_ANNOTATION: &str = "nvidia-installer.gardenlinux.io/upgrade-target";
+/// Node annotation: why the upgrade failed or what it waits for, in words.
+pub const UPGRADE_REASON_ANNOTATION: &str = "nvidia-installer.gardenlinux.io/upgrade-reason";
+/// Node annotation: when the upgrade state last changed (RFC 3339), for its timeouts.
+pub const UPGRADE_SINCE_ANNOTATION: &str = "nvidia-installer.gardenlinux.io/upgrade-since";
+/// Node annotation: the upgrade controller cordoned the node (and only then uncordons it).
+pub const UPGRADE_CORDONED_ANNOTATION: &str = "nvidia-installer.gardenlinux.io/upgrade-cordoned";
 
 /// Host directory holding the cache, the `current` link and the `ready` marker.
 pub const DRIVER_ROOT: &str = "/opt/nvidia-installer";

@@ -48,6 +48,49 @@ pub enum Command {
     DevServe(DevServeArgs),
     /// In the modulus container: send a compile request to dev-serve, wait, then publish.
     Modulus(ModulusArgs),
+    /// Drive live driver upgrades: cordon, drain and switch at most --max-unavailable GPU nodes at
+    /// a time (the chart's upgrade controller Deployment).
+    UpgradeController(UpgradeControllerArgs),
+}
+
+/// How the upgrade controller paces a rollout.
+#[derive(Debug, Args)]
+pub struct UpgradeControllerArgs {
+    /// The installer pods' namespace.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: String,
+    /// The installer pods' labels (`key=value,...`): deleting a node's installer pod starts the switch.
+    #[arg(long, env = "NVIDIA_INSTALLER_POD_LABELS", value_delimiter = ',')]
+    pub installer_labels: Vec<String>,
+    /// GPU nodes upgraded at once: a number or a percentage of the GPU nodes.
+    #[arg(long, env = "NVIDIA_UPGRADE_MAX_UNAVAILABLE", default_value = "1")]
+    pub max_unavailable: crate::upgrade::MaxUnavailable,
+    /// How long pods holding the driver may take to leave a draining node.
+    #[arg(long, env = "NVIDIA_UPGRADE_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10m")]
+    pub drain_timeout: Duration,
+    /// Then: keep waiting (wait), delete them (force-after), or give the node up (skip-node).
+    #[arg(long, env = "NVIDIA_UPGRADE_DRAIN_POLICY", value_enum, default_value = "wait")]
+    pub on_drain_timeout: crate::upgrade::DrainPolicy,
+    /// GPU resources (`prefix*` allowed): pods asking for one are drained.
+    #[arg(
+        long,
+        env = "NVIDIA_INSTALLER_GPU_RESOURCES",
+        value_delimiter = ',',
+        default_value = "nvidia.com/gpu,nvidia.com/mig-*"
+    )]
+    pub gpu_resources: Vec<String>,
+    /// How often it looks.
+    #[arg(long, env = "NVIDIA_UPGRADE_INTERVAL", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub interval: Duration,
+}
+
+/// What `install` does when another driver version is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UpgradeMode {
+    /// Refuse (drain and reboot the node by hand).
+    Manual,
+    /// Stage beside it, ask the upgrade controller, and switch when it orders.
+    Controller,
 }
 
 /// The driver source and how to build it; shared by `compile`, `modulus` and `install
@@ -338,6 +381,13 @@ pub struct InstallArgs {
     /// performing them (no module loaded, no device node, no ready marker, no node update).
     #[arg(long, env = "NVIDIA_INSTALLER_DRY_RUN")]
     pub dry_run: bool,
+    /// When another driver version is loaded: refuse (manual), or go through the upgrade
+    /// controller (controller; needs --node-name).
+    #[arg(long, env = "NVIDIA_INSTALLER_UPGRADE_MODE", value_enum, default_value = "manual")]
+    pub upgrade_mode: UpgradeMode,
+    /// In an ordered switch: how long to wait for processes to let go of the old driver.
+    #[arg(long, env = "NVIDIA_INSTALLER_UNLOAD_WAIT", value_parser = humantime::parse_duration, default_value = "5m")]
+    pub unload_wait: Duration,
 }
 
 #[derive(Debug, Args)]

@@ -15,12 +15,12 @@ use crate::bundle::pack::{self, BundleInfo};
 use crate::bundle::signature::{PublicKey, SecretKey};
 use crate::cli::{
     CompileArgs, DevServeArgs, DriverSourceArgs, GcArgs, InstallArgs, ModulusArgs, PackArgs, PublishArgs, StageArgs,
-    StatusArgs, WaitArgs, given,
+    StatusArgs, UpgradeControllerArgs, UpgradeMode, WaitArgs, given,
 };
 use crate::compiler::compile::{self, CompileRequest, Flavor};
 use crate::compiler::fifo::{self, Pipes};
 use crate::compiler::publish;
-use crate::node::install::{self, InstallRequest};
+use crate::node::install::{self, InstallRequest, Upgrade};
 use crate::node::kernel::HostKernel;
 use crate::node::stage::{self, StageRequest, Trust};
 use crate::node::{api::Reporter, gc, gpus, metrics, ready, status};
@@ -58,7 +58,7 @@ pub async fn install(args: &InstallArgs) -> Result<()> {
         // The branch's default could be the open modules, which this node's GPUs cannot run.
         compile.flavor = Flavor::Proprietary;
     }
-    let request = InstallRequest { stage, modules: args.modules.clone(), compile };
+    let mut request = InstallRequest { stage, modules: args.modules.clone(), compile, upgrade: Upgrade::Manual };
     if args.dry_run {
         let plan = install::dry_run(&layout, &request).await?;
         println!("staged {}", plan.staged.bundle.display());
@@ -67,6 +67,9 @@ pub async fn install(args: &InstallArgs) -> Result<()> {
         return Ok(());
     }
     let reporter = Reporter::for_node(args.node_name.as_deref()).await?;
+    if args.upgrade_mode == UpgradeMode::Controller {
+        request.upgrade = Upgrade::Controller { order: reporter.upgrade_order().await, unload_wait: args.unload_wait };
+    }
     let kernel = HostKernel { host_root: args.stage.host.host_root.clone() };
     let started = std::time::Instant::now();
     let result = install::install(&layout, &request, &kernel, &reporter).await;
@@ -435,4 +438,51 @@ fn work_dir_beside(output: &Path) -> Result<PathBuf> {
     let dir = parent.join(format!(".nvidia-build-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
     Ok(dir)
+}
+
+pub async fn upgrade_controller(args: &UpgradeControllerArgs) -> Result<()> {
+    let installer_labels = args
+        .installer_labels
+        .iter()
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .ok_or_else(|| Error::Usage(format!("--installer-labels: {pair:?} is not key=value")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if installer_labels.is_empty() {
+        return Err(Error::Usage("--installer-labels: the installer pods' labels are needed".to_owned()));
+    }
+    let config = crate::upgrade::controller::Config {
+        namespace: args.namespace.clone(),
+        installer_labels,
+        gpu_resources: args.gpu_resources.iter().map(|r| r.trim().to_owned()).filter(|r| !r.is_empty()).collect(),
+        policy: crate::upgrade::plan::Policy {
+            max_unavailable: args.max_unavailable,
+            drain_timeout: args.drain_timeout,
+            on_drain_timeout: args.on_drain_timeout,
+        },
+        interval: args.interval,
+    };
+    let no_client = |e: String| Error::Node { node: String::new(), reason: format!("no Kubernetes client: {e}") };
+    let mut kube_config = kube::Config::infer().await.map_err(|e| no_client(e.to_string()))?;
+    // A refused eviction (429 from a PodDisruptionBudget) is asked again next round; the client's
+    // own retries would hold the whole round for minutes.
+    kube_config.default_retry = false;
+    let client = kube::Client::try_from(kube_config).map_err(|e| no_client(e.to_string()))?;
+    crate::upgrade::controller::run(client, config, async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    })
+    .await
 }

@@ -18,6 +18,7 @@ pub mod compiler;
 pub mod durable;
 pub mod node;
 pub mod s3;
+pub mod upgrade;
 
 use std::path::{Path, PathBuf};
 
@@ -66,6 +67,11 @@ pub enum Error {
     Device { path: PathBuf, reason: String },
     #[error("nvidia-smi ({path}) failed: {reason}")]
     Smi { path: PathBuf, reason: String },
+    /// Another driver stays loaded and serving (the upgrade waits, or failed and was undone).
+    #[error("NVIDIA driver {loaded} stays loaded, not {wanted}: {reason}")]
+    KeptLoaded { loaded: String, wanted: String, state: Option<crate::upgrade::State>, reason: String },
+    #[error("driver upgrade: {reason}")]
+    Upgrade { reason: String },
     #[error("{0}")]
     WaitTimeout(String),
     #[error("the NVIDIA driver is not ready: {0}")]

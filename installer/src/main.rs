@@ -25,6 +25,7 @@ fn main() -> std::process::ExitCode {
             Command::Compile(args) => commands::compile(args),
             Command::DevServe(args) => commands::dev_serve(args.clone()).await,
             Command::Modulus(args) => commands::modulus(args).await,
+            Command::UpgradeController(args) => commands::upgrade_controller(args).await,
         }
     });
     match result {

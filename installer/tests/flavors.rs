@@ -77,8 +77,12 @@ async fn each_node_takes_the_flavor_that_drives_its_gpus() {
         assert!(staged.downloaded_from.as_deref().is_some_and(|k| k.contains(&format!("/{flavor}/"))), "{staged:?}");
         // And install loads it.
         let kernel = SimKernel::new(dir.path());
-        let request =
-            InstallRequest { stage: request_for(&server, &layout), modules: vec!["nvidia".into()], compile: None };
+        let request = InstallRequest {
+            stage: request_for(&server, &layout),
+            modules: vec!["nvidia".into()],
+            compile: None,
+            upgrade: Default::default(),
+        };
         install(&layout, &request, &kernel, &Reporter::Log).await.expect("install");
     }
 }
@@ -93,8 +97,12 @@ async fn a_gpu_the_published_flavor_cannot_drive_is_named_before_anything_is_loa
     let layout = gpu_host(dir.path(), &[V100]);
     server.log().clear();
     let kernel = SimKernel::new(dir.path());
-    let request =
-        InstallRequest { stage: request_for(&server, &layout), modules: vec!["nvidia".into()], compile: None };
+    let request = InstallRequest {
+        stage: request_for(&server, &layout),
+        modules: vec!["nvidia".into()],
+        compile: None,
+        upgrade: Default::default(),
+    };
     let error = install(&layout, &request, &kernel, &Reporter::Log).await.expect_err("no flavor for a V100");
     assert!(matches!(error, Error::Flavor { .. }), "{error}");
     let message = error.to_string();

@@ -35,6 +35,7 @@ async fn loads_in_order_makes_device_nodes_runs_smi_and_marks_ready() {
         stage: request(&server, KERNEL, DRIVER),
         modules: modules(&["nvidia-modeset", "nvidia-uvm", "nvidia"]),
         compile: None,
+        upgrade: Default::default(),
     };
     let marker = install(&layout, &request, &kernel, &Reporter::Record(reports.clone())).await.expect("install");
     assert_eq!(marker.driver_version, DRIVER);
@@ -79,6 +80,7 @@ async fn no_gpu_unloads_what_was_loaded_and_leaves_no_marker() {
         stage: request(&server, KERNEL, DRIVER),
         modules: modules(&["nvidia", "nvidia-uvm", "nvidia-modeset"]),
         compile: None,
+        upgrade: Default::default(),
     };
     let error = install(&layout, &request, &kernel, &Reporter::Record(reports.clone())).await.expect_err("no gpu");
     let message = error.to_string();
@@ -115,6 +117,7 @@ async fn a_failing_nvidia_smi_removes_the_device_nodes_and_unloads_what_was_load
         stage: request(&server, KERNEL, DRIVER),
         modules: modules(&["nvidia", "nvidia-uvm"]),
         compile: None,
+        upgrade: Default::default(),
     };
     let error = install(&layout, &request, &kernel, &Reporter::Record(reports.clone())).await.expect_err("smi fails");
     let message = error.to_string();
@@ -147,8 +150,12 @@ async fn modules_loaded_before_the_run_stay_loaded_when_it_fails() {
     let (server, _work) = setup().await;
     let host_dir = tempfile::tempdir().expect("host");
     let layout = host(host_dir.path());
-    let request =
-        InstallRequest { stage: request(&server, KERNEL, DRIVER), modules: modules(&["nvidia"]), compile: None };
+    let request = InstallRequest {
+        stage: request(&server, KERNEL, DRIVER),
+        modules: modules(&["nvidia"]),
+        compile: None,
+        upgrade: Default::default(),
+    };
     let first = SimKernel::new(host_dir.path());
     install(&layout, &request, &first, &Reporter::Log).await.expect("first install");
     // The same driver, already loaded, and now nvidia-smi fails: nothing of the earlier run is undone.
@@ -176,8 +183,12 @@ async fn another_loaded_version_is_a_clear_error_and_keeps_the_node_serving_it()
     std::fs::write(host_dir.path().join("sys/module/nvidia/version"), "525.147.05\n").expect("version");
     let kernel = SimKernel::new(host_dir.path());
     let reports = Arc::new(Mutex::new(Vec::new()));
-    let request =
-        InstallRequest { stage: request(&server, KERNEL, DRIVER), modules: modules(&["nvidia"]), compile: None };
+    let request = InstallRequest {
+        stage: request(&server, KERNEL, DRIVER),
+        modules: modules(&["nvidia"]),
+        compile: None,
+        upgrade: Default::default(),
+    };
     let error =
         install(&layout, &request, &kernel, &Reporter::Record(reports.clone())).await.expect_err("other version");
     assert!(matches!(error, Error::OtherVersionLoaded { .. }), "{error}");
@@ -210,6 +221,7 @@ async fn a_module_for_another_kernel_is_refused_before_loading() {
         stage: request(&server, "6.1.0-99-amd64", DRIVER),
         modules: modules(&["nvidia"]),
         compile: None,
+        upgrade: Default::default(),
     };
     request.stage.kernel_release = "6.1.0-99-amd64".into();
     let error = install(&layout, &request, &kernel, &Reporter::Log).await.expect_err("vermagic");
@@ -253,8 +265,12 @@ async fn in_tree_dependencies_are_loaded_first_from_the_kernel() {
     )
     .expect("modules.dep");
     let kernel = SimKernel::new(host_dir.path());
-    let request =
-        InstallRequest { stage: request(&server, KERNEL, DRIVER), modules: modules(&["nvidia"]), compile: None };
+    let request = InstallRequest {
+        stage: request(&server, KERNEL, DRIVER),
+        modules: modules(&["nvidia"]),
+        compile: None,
+        upgrade: Default::default(),
+    };
     // The dry run plans the same order and touches nothing.
     let plan = dry_run(&layout, &request).await.expect("dry run");
     let planned: Vec<(&str, bool)> = plan.modules.iter().map(|m| (m.name.as_str(), m.in_tree)).collect();
@@ -275,8 +291,12 @@ async fn an_in_tree_dependency_is_planned_away_from_the_node_but_install_needs_i
     // A host root without the kernel's modules (as local-flow's temp dir).
     let host_dir = tempfile::tempdir().expect("host");
     let layout = host(host_dir.path());
-    let request =
-        InstallRequest { stage: request(&server, KERNEL, DRIVER), modules: modules(&["nvidia"]), compile: None };
+    let request = InstallRequest {
+        stage: request(&server, KERNEL, DRIVER),
+        modules: modules(&["nvidia"]),
+        compile: None,
+        upgrade: Default::default(),
+    };
     let plan = dry_run(&layout, &request).await.expect("dry run");
     let dep = host_dir.path().join(format!("lib/modules/{KERNEL}/modules.dep"));
     assert_eq!(plan.modules[0].name, "drm");
@@ -331,7 +351,8 @@ async fn allow_compilation_builds_here_when_the_bucket_has_no_bundle() {
         gardenlinux_version: Some(GARDENLINUX.into()),
         jobs: 1,
     };
-    let request = InstallRequest { stage, modules: modules(&["nvidia"]), compile: Some(compile) };
+    let request =
+        InstallRequest { stage, modules: modules(&["nvidia"]), compile: Some(compile), upgrade: Default::default() };
     let marker = install(&layout, &request, &kernel, &Reporter::Log).await.expect("install with compilation");
     assert_eq!(marker.driver_version, DRIVER);
     assert!(layout.current().join("modules/nvidia.ko").is_file());
@@ -347,6 +368,7 @@ async fn dry_run_stages_and_lists_every_kernel_operation_without_performing_any(
         stage: request(&server, KERNEL, DRIVER),
         modules: modules(&["nvidia", "nvidia-uvm", "nvidia-modeset"]),
         compile: None,
+        upgrade: Default::default(),
     };
     let plan = dry_run(&layout, &request).await.expect("dry run");
     assert!(layout.current().join("bin/nvidia-smi").is_file(), "staging is real");
@@ -421,8 +443,12 @@ async fn firmware_host(parameter_value: &str) -> FirmwareHost {
     let parameter = host_dir.path().join("sys/module/firmware_class/parameters/path");
     std::fs::create_dir_all(parameter.parent().expect("parent")).expect("sys");
     std::fs::write(&parameter, parameter_value).expect("parameter");
-    let request =
-        InstallRequest { stage: request(&server, KERNEL, DRIVER), modules: modules(&["nvidia"]), compile: None };
+    let request = InstallRequest {
+        stage: request(&server, KERNEL, DRIVER),
+        modules: modules(&["nvidia"]),
+        compile: None,
+        upgrade: Default::default(),
+    };
     FirmwareHost { server, _work: work, firmware, host_dir, layout, parameter, request }
 }
 
@@ -500,8 +526,12 @@ async fn a_kernel_that_enforces_signatures_gets_no_unsigned_module() {
     std::fs::create_dir_all(parameter.parent().expect("parent")).expect("sys");
     std::fs::write(&parameter, "Y\n").expect("sig_enforce");
     let kernel = SimKernel::new(host_dir.path());
-    let request =
-        InstallRequest { stage: request(&server, KERNEL, DRIVER), modules: modules(&["nvidia"]), compile: None };
+    let request = InstallRequest {
+        stage: request(&server, KERNEL, DRIVER),
+        modules: modules(&["nvidia"]),
+        compile: None,
+        upgrade: Default::default(),
+    };
     let error = install(&layout, &request, &kernel, &Reporter::Log).await.expect_err("unsigned");
     let message = error.to_string();
     assert!(

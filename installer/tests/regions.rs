@@ -71,7 +71,12 @@ async fn publish_stage_and_install_find_a_bucket_in_another_region() {
     let third = tempfile::tempdir().expect("host");
     let layout = host(third.path());
     let kernel = integration_tests::kernel::SimKernel::new(third.path());
-    let request = InstallRequest { stage: request, modules: vec!["nvidia".to_owned()], compile: None };
+    let request = InstallRequest {
+        stage: request,
+        modules: vec!["nvidia".to_owned()],
+        compile: None,
+        upgrade: Default::default(),
+    };
     install(&layout, &request, &kernel, &Reporter::Log).await.expect("install without a region");
 
     // A configured region that is wrong is followed once, with a warning naming both.

@@ -10,6 +10,8 @@ use nvidia_installer::node::kernel::Kernel;
 
 /// `ENOENT` (Linux): what a module load that finds no firmware fails with here.
 const ENOENT: i32 = 2;
+/// `ENOEXEC` (Linux): invalid module format.
+const ENOEXEC: i32 = 8;
 
 /// One request to the kernel seam.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +37,9 @@ pub struct SimKernel {
     pub firmware: Option<String>,
     /// Where each requested firmware file was found.
     pub firmware_found: Mutex<Vec<PathBuf>>,
+    /// Loads of modules from this driver version's bundle fail (`ENOEXEC`, as a module built
+    /// for another kernel configuration does).
+    pub fail_version: Option<String>,
 }
 
 impl SimKernel {
@@ -46,6 +51,7 @@ impl SimKernel {
             gpus: 2,
             firmware: None,
             firmware_found: Mutex::new(Vec::new()),
+            fail_version: None,
         }
     }
 
@@ -60,6 +66,30 @@ impl SimKernel {
         let custom = parameter.trim_end_matches('\n');
         let dirs = (!custom.is_empty()).then(|| custom.to_owned()).into_iter().chain(["/lib/firmware".to_owned()]);
         dirs.map(|dir| self.root.join(dir.trim_start_matches('/')).join(name)).find(|path| path.is_file())
+    }
+
+    /// Count `user` in (or out of) `module`'s references and users in `/proc/modules`.
+    fn use_module(&self, module: &str, user: &str, add: bool) {
+        let path = self.root.join("proc/modules");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let rewritten: String = text
+            .lines()
+            .map(|line| {
+                let mut fields: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+                if fields.first().map(String::as_str) == Some(module) && fields.len() >= 4 {
+                    let mut users: Vec<String> =
+                        fields[3].split(',').filter(|u| !u.is_empty() && *u != "-").map(str::to_owned).collect();
+                    users.retain(|u| u != user);
+                    if add {
+                        users.push(user.to_owned());
+                    }
+                    fields[2] = users.len().to_string();
+                    fields[3] = if users.is_empty() { "-".to_owned() } else { format!("{},", users.join(",")) };
+                }
+                format!("{}\n", fields.join(" "))
+            })
+            .collect();
+        std::fs::write(path, rewritten).expect("write /proc/modules");
     }
 
     fn append(&self, path: &str, line: &str) {
@@ -91,6 +121,11 @@ impl Kernel for SimKernel {
         {
             return Err(io::Error::from_raw_os_error(*errno));
         }
+        if let Some(version) = &self.fail_version
+            && module.components().any(|c| c.as_os_str() == version.as_str())
+        {
+            return Err(io::Error::from_raw_os_error(ENOEXEC));
+        }
         if name == "nvidia"
             && let Some(firmware) = &self.firmware
         {
@@ -100,6 +135,9 @@ impl Kernel for SimKernel {
             }
         }
         self.append("proc/modules", &format!("{name} 1000 0 - Live 0x0000000000000000"));
+        if name.starts_with("nvidia_") {
+            self.use_module("nvidia", &name, true);
+        }
         if name == "nvidia" {
             let version = module
                 .parent()
@@ -128,8 +166,23 @@ impl Kernel for SimKernel {
         self.calls.lock().expect("calls").push(Call::Unload(name.to_owned()));
         let path = self.root.join("proc/modules");
         let text = std::fs::read_to_string(&path).unwrap_or_default();
+        // As the kernel refuses: a module still used by another (EBUSY).
+        let used = text.lines().any(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            fields.first() == Some(&name) && fields.get(2).is_some_and(|count| *count != "0")
+        });
+        if used {
+            return Err(io::Error::from_raw_os_error(16));
+        }
+        if name.starts_with("nvidia_") {
+            self.use_module("nvidia", name, false);
+        }
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
         let kept: String =
             text.lines().filter(|l| !l.starts_with(&format!("{name} "))).map(|l| format!("{l}\n")).collect();
+        if name == "nvidia" {
+            let _ = std::fs::remove_dir_all(self.root.join("sys/module/nvidia"));
+        }
         std::fs::write(path, kept)
     }
 

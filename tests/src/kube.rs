@@ -53,11 +53,14 @@ struct Store {
     version: AtomicU64,
     requests: Mutex<Vec<ApiRequest>>,
     /// (method, path, status): the next matching request is answered with that status.
-    faults: Mutex<VecDeque<(String, String, u16)>>,
+    faults: Mutex<VecDeque<Fault>>,
     /// Admission: applied to every created object whose collection path ends with the suffix, as
     /// the API server calls a mutating webhook before it stores (or, on a dry run, only answers).
     admission: Mutex<Vec<(String, Admission)>>,
 }
+
+/// (method, path, status, message): answer the next matching request with that status.
+type Fault = (String, String, u16, Option<String>);
 
 /// A mutating admission step: the object as sent, the object to store.
 pub type Admission = Arc<dyn Fn(Value) -> Value + Send + Sync>;
@@ -187,7 +190,12 @@ impl ApiServer {
     }
 
     pub fn fail_next(&self, method: &str, path: &str, status: u16) {
-        lock(&self.store.faults).push_back((method.to_owned(), path.to_owned(), status));
+        lock(&self.store.faults).push_back((method.to_owned(), path.to_owned(), status, None));
+    }
+
+    /// [`fail_next`](Self::fail_next) with the Status message the API server would send.
+    pub fn fail_next_with(&self, method: &str, path: &str, status: u16, message: &str) {
+        lock(&self.store.faults).push_back((method.to_owned(), path.to_owned(), status, Some(message.to_owned())));
     }
 }
 
@@ -220,19 +228,19 @@ async fn handle(store: &Store, bearer: &str, request: Request<hyper::body::Incom
         if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
     let fault = {
         let mut faults = lock(&store.faults);
-        let at = faults.iter().position(|(m, p, _)| *m == method && *p == path);
-        at.and_then(|at| faults.remove(at)).map(|(_, _, status)| status)
+        let at = faults.iter().position(|(m, p, _, _)| *m == method && *p == path);
+        at.and_then(|at| faults.remove(at)).map(|(_, _, status, message)| (status, message))
     };
     let (status, answer) = if !authorized {
         status(401, "Unauthorized", "no or wrong bearer token".to_owned())
-    } else if let Some(code) = fault {
+    } else if let Some((code, message)) = fault {
         let reason = match code {
             409 => "Conflict",
             403 => "Forbidden",
             429 => "TooManyRequests",
             _ => "InternalError",
         };
-        status(code, reason, format!("injected {code} for {method} {path}"))
+        status(code, reason, message.unwrap_or_else(|| format!("injected {code} for {method} {path}")))
     } else {
         let dry_run = query.as_deref().is_some_and(|q| q.split('&').any(|p| p == "dryRun=All"));
         let mut body = body.clone();
@@ -254,7 +262,7 @@ async fn handle(store: &Store, bearer: &str, request: Request<hyper::body::Incom
             }
             (201, object)
         } else {
-            apply(store, &method, &path, content_type.as_deref(), &body)
+            apply(store, &method, &path, query.as_deref(), content_type.as_deref(), &body)
         }
     };
     lock(&store.requests).push(ApiRequest { method, path, query, content_type, body, status });
@@ -265,6 +273,23 @@ async fn handle(store: &Store, bearer: &str, request: Request<hyper::body::Incom
         .unwrap_or_default()
 }
 
+/// Now, as the API server writes times (RFC 3339, seconds).
+pub fn now_rfc3339() -> String {
+    let seconds = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rest) = (seconds / 86_400, seconds % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rest / 3600, rest % 3600 / 60, rest % 60)
+}
+
 fn status(code: u16, reason: &str, message: String) -> (u16, Value) {
     (
         code,
@@ -273,14 +298,91 @@ fn status(code: u16, reason: &str, message: String) -> (u16, Value) {
     )
 }
 
-fn apply(store: &Store, method: &str, path: &str, content_type: Option<&str>, body: &Value) -> (u16, Value) {
+/// Whether `path` names a collection (`/api/v1/pods`, `/apis/g/v/namespaces/ns/res`) rather than
+/// an item.
+fn is_collection(path: &str) -> bool {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let rest = match segments.first() {
+        Some(&"api") => segments.len().saturating_sub(2),
+        Some(&"apis") => segments.len().saturating_sub(3),
+        _ => return false,
+    };
+    rest % 2 == 1
+}
+
+/// The items of the collection at `path` (`/api/v1/nodes`, `/api/v1/namespaces/ns/pods`, or
+/// every namespace's: `/api/v1/pods`) that match the selectors of `query`.
+fn list(objects: &BTreeMap<String, Value>, path: &str, query: Option<&str>) -> Option<Value> {
+    let resource = path.rsplit('/').next()?.to_owned();
+    let all_namespaces = path.matches('/').count() == 3 && !path.contains("/namespaces/") && resource != "nodes";
+    let in_collection = |key: &str| match key.rsplit_once('/') {
+        Some((parent, _)) if parent == path => true,
+        Some((parent, _)) if all_namespaces => {
+            parent.ends_with(&format!("/{resource}"))
+                && parent.starts_with(&format!("{}/namespaces/", &path[..path.len() - resource.len() - 1]))
+        }
+        _ => false,
+    };
+    let params: Vec<(String, String)> = query
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .map(|(k, v)| (k.to_owned(), percent_encoding::percent_decode_str(v).decode_utf8_lossy().into_owned()))
+        .collect();
+    let selector = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap_or_default();
+    let (labels, fields) = (selector("labelSelector"), selector("fieldSelector"));
+    let matches = |object: &Value| {
+        let labels_ok = labels.split(',').filter(|t| !t.is_empty()).all(|term| match term.split_once('=') {
+            Some((k, v)) => object["metadata"]["labels"][k].as_str() == Some(v),
+            None => !object["metadata"]["labels"][term].is_null(),
+        });
+        let fields_ok = fields.split(',').filter(|t| !t.is_empty()).all(|term| match term.split_once('=') {
+            Some(("spec.nodeName", v)) => object["spec"]["nodeName"].as_str() == Some(v),
+            Some(("metadata.name", v)) => object["metadata"]["name"].as_str() == Some(v),
+            _ => false,
+        });
+        labels_ok && fields_ok
+    };
+    let items: Vec<Value> =
+        objects.iter().filter(|(key, _)| in_collection(key)).map(|(_, o)| o.clone()).filter(|o| matches(o)).collect();
+    let singular = resource.trim_end_matches('s');
+    let kind = format!("{}{}List", singular[..1].to_uppercase(), &singular[1..]);
+    Some(json!({"kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": items}))
+}
+
+fn apply(
+    store: &Store,
+    method: &str,
+    path: &str,
+    query: Option<&str>,
+    content_type: Option<&str>,
+    body: &Value,
+) -> (u16, Value) {
     let mut objects = lock(&store.objects);
     let not_found = || status(404, "NotFound", format!("{path} not found"));
     match method {
         "GET" => match objects.get(path) {
             Some(object) => (200, object.clone()),
+            None if is_collection(path) => match list(&objects, path, query) {
+                Some(list) => (200, list),
+                None => not_found(),
+            },
             None => not_found(),
         },
+        "DELETE" => match objects.remove(path) {
+            Some(object) => (200, object),
+            None => not_found(),
+        },
+        "POST" if path.ends_with("/eviction") => {
+            let pod = path.trim_end_matches("/eviction");
+            match objects.remove(pod) {
+                Some(_) => (
+                    201,
+                    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+                ),
+                None => status(404, "NotFound", format!("{pod} not found")),
+            }
+        }
         "POST" => {
             let metadata = &body["metadata"];
             let name = match (metadata["name"].as_str(), metadata["generateName"].as_str()) {
@@ -296,6 +398,9 @@ fn apply(store: &Store, method: &str, path: &str, content_type: Option<&str>, bo
             object["metadata"]["name"] = json!(name);
             object["metadata"]["resourceVersion"] = json!(store.next_version());
             object["metadata"]["uid"] = json!(random_hex(16));
+            if object["metadata"]["creationTimestamp"].is_null() {
+                object["metadata"]["creationTimestamp"] = json!(now_rfc3339());
+            }
             objects.insert(item, object.clone());
             (201, object)
         }
@@ -348,14 +453,14 @@ mod tests {
     fn replace_with_a_stale_resource_version_conflicts() {
         let store = Store::default();
         let path = "/api/v1/namespaces/ns/secrets";
-        let (code, created) = apply(&store, "POST", path, None, &json!({"metadata": {"name": "s"}}));
+        let (code, created) = apply(&store, "POST", path, None, None, &json!({"metadata": {"name": "s"}}));
         assert_eq!(code, 201);
         let item = format!("{path}/s");
         let mut stale = created.clone();
         stale["metadata"]["resourceVersion"] = json!("0");
-        assert_eq!(apply(&store, "PUT", &item, None, &stale).0, 409);
-        assert_eq!(apply(&store, "PUT", &item, None, &created).0, 200);
-        assert_eq!(apply(&store, "POST", path, None, &json!({"metadata": {"name": "s"}})).0, 409);
-        assert_eq!(apply(&store, "GET", &format!("{path}/other"), None, &Value::Null).0, 404);
+        assert_eq!(apply(&store, "PUT", &item, None, None, &stale).0, 409);
+        assert_eq!(apply(&store, "PUT", &item, None, None, &created).0, 200);
+        assert_eq!(apply(&store, "POST", path, None, None, &json!({"metadata": {"name": "s"}})).0, 409);
+        assert_eq!(apply(&store, "GET", &format!("{path}/other"), None, None, &Value::Null).0, 404);
     }
 }

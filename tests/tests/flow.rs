@@ -141,6 +141,7 @@ async fn the_injected_init_container_waits_for_install_and_refuses_another_pinne
         },
         modules: vec!["nvidia".into(), "nvidia-uvm".into(), "nvidia-modeset".into()],
         compile: None,
+        upgrade: Default::default(),
     };
     let kernel = SimKernel::new(&host);
     // Still waiting while staged but not loaded.

@@ -277,6 +277,7 @@ async fn node_with_bundle(work: &Path) -> (S3Server, nvidia_installer::node::ins
         },
         modules: vec!["nvidia".into(), "nvidia-uvm".into(), "nvidia-modeset".into()],
         compile: None,
+        upgrade: Default::default(),
     };
     (server, request, host)
 }
@@ -409,4 +410,21 @@ fn selftest_fails_naming_what_is_missing_when_nothing_injects() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("not injected") && stderr.contains("nvidia-driver-wait"), "{stderr}");
     assert!(stderr.contains("gpu-selftest"), "{stderr}");
+}
+
+#[test]
+fn selftest_waits_for_a_new_namespace_to_take_pods() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = ApiServer::start();
+    with_webhook(&api);
+    // As the API server answers until the service account controller made `default`.
+    api.fail_next_with(
+        "POST",
+        "/api/v1/namespaces/gpu-selftest/pods",
+        403,
+        "pods \"x\" is forbidden: error looking up service account gpu-selftest/default: serviceaccount \"default\" not found",
+    );
+    let output = ok(selftest(&api.kubeconfig(dir.path()), "gpu-selftest"));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("injected"));
+    assert_eq!(calls(&api.requests()).len(), 2, "asked again once the namespace took pods");
 }

@@ -5,6 +5,8 @@
 //! pod takes: the MutatingWebhookConfiguration's rules and namespace selector, the Service, the
 //! serving certificate against the caBundle, and the mutation itself.
 
+use std::time::Duration;
+
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 use nvidia_contract::{INIT_CONTAINER, INJECTED_ANNOTATION, MOUNT_PATH};
@@ -75,12 +77,32 @@ pub fn judge(pod: &Pod) -> Verdict {
     }
 }
 
+/// How long the check waits for a namespace created with it (by the same `helm test`) to get its
+/// `default` ServiceAccount, without which the API server refuses every pod.
+const NAMESPACE_SETTLE: Duration = Duration::from_secs(60);
+
+/// Whether the API server refused because the namespace's `default` ServiceAccount does not exist
+/// yet (the service account controller creates it moments after the namespace).
+pub fn namespace_not_ready(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status)
+        if (status.code == 403 || status.code == 404) && status.message.contains("serviceaccount"))
+}
+
 /// Create the probe pod in `namespace` as a dry run and judge what comes back.
 pub async fn run(client: kube::Client, namespace: &str, resource: &str, image: &str) -> Result<Verdict, kube::Error> {
     let pods: Api<Pod> = Api::namespaced(client, namespace);
     let params = PostParams { dry_run: true, ..PostParams::default() };
-    let admitted = pods.create(&params, &probe_pod(resource, image)).await?;
-    Ok(judge(&admitted))
+    let started = std::time::Instant::now();
+    loop {
+        match pods.create(&params, &probe_pod(resource, image)).await {
+            Ok(admitted) => return Ok(judge(&admitted)),
+            Err(error) if namespace_not_ready(&error) && started.elapsed() < NAMESPACE_SETTLE => {
+                tracing::info!(%error, namespace, "the namespace is not ready for pods yet; asking again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
 }
 
 #[cfg(test)]

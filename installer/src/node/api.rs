@@ -11,7 +11,10 @@ use tracing::{info, warn};
 
 use crate::{Error, Result};
 
+use nvidia_contract::UPGRADE_TARGET_ANNOTATION;
 pub use nvidia_contract::{DRIVER_READY_LABEL, DRIVER_VERSION_LABEL};
+
+use crate::upgrade::State;
 
 /// One state change to report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +88,78 @@ impl Reporter {
     }
 }
 
+impl Reporter {
+    /// The node's upgrade state and target, as its Node says (`None`: no order, or no API).
+    pub async fn upgrade_order(&self) -> Option<(State, Option<String>)> {
+        let Self::Kube { client, node } = self else { return None };
+        let nodes: Api<Node> = Api::all(client.clone());
+        match nodes.get(node).await {
+            Ok(found) => {
+                let view = crate::upgrade::node_view(&found);
+                view.state.map(|state| (state, view.target))
+            }
+            Err(error) => {
+                warn!(%error, node, "could not read the node's upgrade state");
+                None
+            }
+        }
+    }
+
+    /// Move the node's upgrade to `state` (towards `target`), with an Event.
+    pub async fn upgrade_state(&self, state: State, target: &str, reason: Option<&str>) {
+        match self {
+            Self::Log => {
+                info!(%state, target, reason = reason.unwrap_or(""), "upgrade state (no --node-name: node not labelled)")
+            }
+            Self::Record(reports) => {
+                if let Ok(mut reports) = reports.lock() {
+                    reports.push(Report {
+                        ready: state != State::Failed,
+                        driver_version: target.to_owned(),
+                        reason: format!("upgrade:{state}"),
+                        message: reason.unwrap_or_default().to_owned(),
+                    });
+                }
+            }
+            Self::Kube { client, node } => {
+                let mut patch = crate::upgrade::controller::state_patch(state, reason);
+                patch["metadata"]["annotations"][UPGRADE_TARGET_ANNOTATION] = json!(target);
+                let nodes: Api<Node> = Api::all(client.clone());
+                let (patch, params) = (Patch::Merge(patch), PatchParams::default());
+                if let Err(error) =
+                    with_retries("patching the upgrade state", node, || nodes.patch(node, &params, &patch)).await
+                {
+                    warn!(%error, "could not update the node's upgrade state");
+                }
+                let message = match reason {
+                    Some(reason) => format!("driver upgrade to {target}: {state}: {reason}"),
+                    None => format!("driver upgrade to {target}: {state}"),
+                };
+                let reason_word =
+                    format!("DriverUpgrade{}", state.as_str().split('-').map(capitalize).collect::<String>());
+                let event = node_event(
+                    node,
+                    &reason_word,
+                    &message,
+                    state == State::Failed,
+                    "Upgrade",
+                    &format!("nvidia-installer-{node}"),
+                );
+                let events: Api<Event> = Api::namespaced(client.clone(), "default");
+                let params = PostParams::default();
+                if let Err(error) = with_retries("creating the event", node, || events.create(&params, &event)).await {
+                    warn!(%error, "could not record the upgrade event");
+                }
+            }
+        }
+    }
+}
+
+fn capitalize(word: &str) -> String {
+    let mut chars = word.chars();
+    chars.next().map(|c| c.to_uppercase().chain(chars).collect()).unwrap_or_default()
+}
+
 async fn publish(client: &kube::Client, node: &str, report: &Report) -> Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
     let (patch, params) = (Patch::Merge(report.label_patch()), PatchParams::default());
@@ -137,6 +212,12 @@ where
 
 /// The Event recorded on the Node.
 pub fn event(node: &str, report: &Report) -> Event {
+    let instance = format!("nvidia-installer-{node}");
+    node_event(node, &report.reason, &report.message, !report.ready, "Install", &instance)
+}
+
+/// An Event about `node` (events.k8s.io/v1, in `default`, where node Events live).
+pub fn node_event(node: &str, reason: &str, message: &str, warning: bool, action: &str, instance: &str) -> Event {
     let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now());
     Event {
         metadata: ObjectMeta { generate_name: Some(format!("{node}.nvidia-installer.")), ..ObjectMeta::default() },
@@ -146,13 +227,13 @@ pub fn event(node: &str, report: &Report) -> Event {
             name: Some(node.to_owned()),
             ..ObjectReference::default()
         }),
-        reason: Some(report.reason.clone()),
-        note: Some(report.message.chars().take(1000).collect()),
-        type_: Some(if report.ready { "Normal" } else { "Warning" }.to_owned()),
-        action: Some("Install".to_owned()),
+        reason: Some(reason.to_owned()),
+        note: Some(message.chars().take(1000).collect()),
+        type_: Some(if warning { "Warning" } else { "Normal" }.to_owned()),
+        action: Some(action.to_owned()),
         event_time: Some(now),
         reporting_controller: Some("gardenlinux.io/nvidia-installer".to_owned()),
-        reporting_instance: Some(format!("nvidia-installer-{node}").chars().take(128).collect()),
+        reporting_instance: Some(instance.chars().take(128).collect()),
         ..Event::default()
     }
 }

@@ -3,6 +3,7 @@
 //! the reason for `wait`, and reports `driver-ready=false` with an Event.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nvidia_contract::layout::Layout;
 use tracing::{info, warn};
@@ -14,7 +15,8 @@ use crate::node::lock::HostLock;
 use crate::node::modules::{Loader, ModuleLoad, Planner, plan_loads};
 use crate::node::ready::{self, LastError, ReadyMarker};
 use crate::node::stage::{self, StageRequest, Staged};
-use crate::node::{firmware, gpus};
+use crate::node::{firmware, gpus, holders};
+use crate::upgrade::State;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -23,7 +25,26 @@ pub struct InstallRequest {
     pub modules: Vec<String>,
     /// `allowCompilation`: when the bucket has no bundle, build one here with this request.
     pub compile: Option<crate::compiler::compile::CompileRequest>,
+    /// What happens when another driver version is loaded.
+    pub upgrade: Upgrade,
 }
+
+/// How a node with another driver version loaded moves to the wanted one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Upgrade {
+    /// Refuse: the node must be drained and the old driver unloaded (or the node rebooted) by hand.
+    #[default]
+    Manual,
+    /// Through the upgrade controller: stage beside the loaded driver and ask for an upgrade;
+    /// perform the switch when the node's `order` (its upgrade state and target, as read from its
+    /// Node) says so. Wait up to `unload_wait` for the old driver to be left alone.
+    Controller { order: Option<(State, Option<String>)>, unload_wait: Duration },
+}
+
+/// How long the switch waits for processes to let go of the old driver, unless configured.
+pub const DEFAULT_UNLOAD_WAIT: Duration = Duration::from_secs(300);
+/// How often it looks meanwhile.
+const UNLOAD_POLL: Duration = Duration::from_secs(2);
 
 /// Install and report the outcome.
 pub async fn install(
@@ -33,10 +54,35 @@ pub async fn install(
     reporter: &Reporter,
 ) -> Result<ReadyMarker> {
     let driver = request.stage.driver_version.clone();
-    let result = install_locked(layout, request, kernel).await;
+    let result = install_locked(layout, request, kernel, reporter).await;
+    if let Err(Error::KeptLoaded { loaded, wanted, state, reason }) = &result {
+        // The loaded driver keeps serving its pods; the node stays ready for it.
+        warn!(%loaded, %wanted, %reason, "keeping the loaded driver");
+        if let Some(state) = state {
+            reporter.upgrade_state(*state, wanted, Some(reason)).await;
+        }
+        reporter
+            .report(Report {
+                ready: true,
+                driver_version: loaded.clone(),
+                reason: if *state == Some(State::Failed) { "DriverUpgradeFailed" } else { "DriverUpdatePending" }
+                    .to_owned(),
+                message: reason.clone(),
+            })
+            .await;
+        return match ready::check(layout, Some(loaded)) {
+            ready::Readiness::Ready(marker) => Ok(marker),
+            ready::Readiness::NotReady(_) => result,
+        };
+    }
     match &result {
         Ok(marker) => {
             ready::clear_last_error(layout);
+            if matches!(&request.upgrade, Upgrade::Controller { order: Some((state, Some(target))), .. }
+                if state.out_of_service() && *target == marker.driver_version)
+            {
+                reporter.upgrade_state(State::Done, &marker.driver_version, None).await;
+            }
             reporter
                 .report(Report {
                     ready: true,
@@ -66,6 +112,10 @@ pub async fn install(
         }
         Err(error) => {
             let reason = error.to_string();
+            if matches!(&request.upgrade, Upgrade::Controller { order: Some((state, _)), .. } if state.out_of_service())
+            {
+                reporter.upgrade_state(State::Failed, &driver, Some(&reason)).await;
+            }
             if let Err(e) = ready::remove_marker(layout) {
                 warn!(error = %e, "could not remove the ready marker");
             }
@@ -87,10 +137,14 @@ pub async fn install(
     result
 }
 
-async fn install_locked(layout: &Layout, request: &InstallRequest, kernel: &dyn Kernel) -> Result<ReadyMarker> {
+async fn install_locked(
+    layout: &Layout,
+    request: &InstallRequest,
+    kernel: &dyn Kernel,
+    reporter: &Reporter,
+) -> Result<ReadyMarker> {
     let _lock = HostLock::acquire(layout).await?;
     let wanted = &request.stage.driver_version;
-    let kernel_release = &request.stage.kernel_release;
     // A marker from an earlier boot describes modules that are gone.
     if let Some(marker) = ready::read_marker(layout)
         && marker.boot_id.is_some()
@@ -111,19 +165,63 @@ async fn install_locked(layout: &Layout, request: &InstallRequest, kernel: &dyn 
         }
         (result, _) => result?,
     };
-    refuse_other_loaded(layout, &staged, wanted)?;
+    if let Some(loaded) = other_loaded(layout, &staged, wanted) {
+        return match &request.upgrade {
+            Upgrade::Manual => Err(Error::OtherVersionLoaded { loaded, wanted: wanted.clone() }),
+            Upgrade::Controller { order, unload_wait } => {
+                let for_wanted = |target: &Option<String>| target.as_deref() == Some(wanted.as_str());
+                match order {
+                    Some((State::Unloading | State::Installing | State::Validating, target)) if for_wanted(target) => {
+                        switch(layout, request, kernel, reporter, &loaded, *unload_wait).await
+                    }
+                    Some((State::Failed, target)) if for_wanted(target) => Err(Error::KeptLoaded {
+                        loaded,
+                        wanted: wanted.clone(),
+                        state: None,
+                        reason: format!(
+                            "the last upgrade to {wanted} failed (the node's {} annotation says why); remove the node's {} label to try again",
+                            nvidia_contract::UPGRADE_REASON_ANNOTATION,
+                            nvidia_contract::UPGRADE_STATE_LABEL
+                        ),
+                    }),
+                    Some((state, target)) if for_wanted(target) && *state != State::Done => Err(Error::KeptLoaded {
+                        loaded,
+                        wanted: wanted.clone(),
+                        state: None,
+                        reason: format!("the upgrade to {wanted} is under way ({state})"),
+                    }),
+                    _ => Err(Error::KeptLoaded {
+                        wanted: wanted.clone(),
+                        state: Some(State::UpgradeRequired),
+                        reason: format!(
+                            "driver {wanted} is staged beside the loaded {loaded}, which keeps serving until the upgrade controller drains the node"
+                        ),
+                        loaded,
+                    }),
+                }
+            }
+        };
+    }
+    load_staged(layout, request, kernel, &staged)
+}
+
+/// Load a staged bundle's modules, make the device nodes, run `nvidia-smi` and write the ready
+/// marker; on failure, undo what this did.
+fn load_staged(layout: &Layout, request: &InstallRequest, kernel: &dyn Kernel, staged: &Staged) -> Result<ReadyMarker> {
+    let wanted = &request.stage.driver_version;
+    let kernel_release = &request.stage.kernel_release;
     gpus::check_bundle(&gpus::nvidia_gpus(layout), &staged.manifest.flavor, wanted)?;
     // A marker for another driver or kernel no longer describes this node.
     if ready::read_marker(layout).is_some_and(|m| &m.driver_version != wanted || &m.kernel_release != kernel_release) {
         ready::remove_marker(layout)?;
     }
-    let plan = plan_loads(layout, kernel_release, &staged, &request.modules)?;
+    let plan = plan_loads(layout, kernel_release, staged, &request.modules)?;
     firmware::prepare(layout, &staged.bundle, &staged.manifest)?;
     let mut loader = Loader { layout, kernel, loaded_now: Vec::new() };
     let mut nodes_made = Vec::new();
     let ready = loader.load_all(&plan).and_then(|()| {
         make_device_nodes(layout, kernel, &request.modules, &mut nodes_made)?;
-        run_smi(layout, kernel, &staged)?;
+        run_smi(layout, kernel, staged)?;
         let marker = ReadyMarker {
             driver_version: wanted.clone(),
             kernel_release: kernel_release.clone(),
@@ -155,14 +253,106 @@ async fn install_locked(layout: &Layout, request: &InstallRequest, kernel: &dyn 
     }
 }
 
-/// Another driver version is ready (staging held the new one back) or loaded: the node must be
-/// drained and the old driver unloaded first.
-fn refuse_other_loaded(layout: &Layout, staged: &Staged, wanted: &str) -> Result<()> {
+/// Another driver version that is ready (staging held the new one back) or loaded.
+fn other_loaded(layout: &Layout, staged: &Staged, wanted: &str) -> Option<String> {
     let loaded = staged.held_back_by.clone().or_else(|| crate::node::status::loaded_version(layout));
-    match loaded {
-        Some(loaded) if loaded != wanted => Err(Error::OtherVersionLoaded { loaded, wanted: wanted.to_owned() }),
-        _ => Ok(()),
+    loaded.filter(|loaded| loaded != wanted)
+}
+
+/// Another driver version is ready or loaded: the node must be drained and the old driver
+/// unloaded first.
+fn refuse_other_loaded(layout: &Layout, staged: &Staged, wanted: &str) -> Result<()> {
+    match other_loaded(layout, staged, wanted) {
+        Some(loaded) => Err(Error::OtherVersionLoaded { loaded, wanted: wanted.to_owned() }),
+        None => Ok(()),
     }
+}
+
+/// The switch the upgrade controller ordered (the node is cordoned and drained): wait until
+/// nothing holds the loaded driver, unload it, load the wanted one from the cache and validate it;
+/// when that fails, load the old one again from the cache. The old driver is never given up
+/// while something uses it, and the node ends with a working driver unless the old one cannot be
+/// loaded again either.
+async fn switch(
+    layout: &Layout,
+    request: &InstallRequest,
+    kernel: &dyn Kernel,
+    reporter: &Reporter,
+    loaded: &str,
+    unload_wait: Duration,
+) -> Result<ReadyMarker> {
+    let wanted = &request.stage.driver_version;
+    let kept = |state: Option<State>, reason: String| Error::KeptLoaded {
+        loaded: loaded.to_owned(),
+        wanted: wanted.clone(),
+        state,
+        reason,
+    };
+    let started = Instant::now();
+    let mut said = String::new();
+    while let Some(holding) = holders::in_use(layout) {
+        if started.elapsed() >= unload_wait {
+            return Err(kept(
+                Some(State::Failed),
+                format!(
+                    "driver {loaded} is still in use after {}: {holding}",
+                    humantime::format_duration(Duration::from_secs(unload_wait.as_secs()))
+                ),
+            ));
+        }
+        if holding != said {
+            info!(%holding, "waiting for the loaded driver to be left alone before unloading it");
+            said = holding;
+        }
+        tokio::time::sleep(UNLOAD_POLL.min(unload_wait)).await;
+    }
+    info!(%loaded, %wanted, "unloading the old driver");
+    reporter.upgrade_state(State::Installing, wanted, None).await;
+    ready::remove_marker(layout)?;
+    let mut previous = request.clone();
+    previous.stage.driver_version = loaded.to_owned();
+    previous.upgrade = Upgrade::Manual;
+    for module in holders::unload_order(&holders::nvidia_modules(layout)) {
+        if let Err(error) = kernel.unload(&module) {
+            let restored = restore(layout, &previous, kernel).await;
+            let reason = format!("unloading {module} of driver {loaded}: {error}");
+            return match restored {
+                Ok(_) => Err(kept(Some(State::Failed), format!("{reason}; driver {loaded} is loaded again"))),
+                Err(again) => {
+                    Err(Error::Upgrade { reason: format!("{reason}; loading {loaded} again failed too: {again}") })
+                }
+            };
+        }
+        info!(module = %module, "unloaded");
+    }
+    let attempt = match stage::stage_locked(layout, &request.stage).await {
+        Ok(staged) => {
+            reporter.upgrade_state(State::Validating, wanted, None).await;
+            load_staged(layout, request, kernel, &staged)
+        }
+        Err(error) => Err(error),
+    };
+    match attempt {
+        Ok(marker) => Ok(marker),
+        Err(error) => {
+            warn!(%error, %loaded, "the new driver failed; going back to the old one");
+            match restore(layout, &previous, kernel).await {
+                Ok(_) => Err(kept(
+                    Some(State::Failed),
+                    format!("driver {wanted} failed: {error}; driver {loaded} is loaded again from the cache"),
+                )),
+                Err(again) => Err(Error::Upgrade {
+                    reason: format!("driver {wanted} failed: {error}; loading {loaded} again failed too: {again}"),
+                }),
+            }
+        }
+    }
+}
+
+/// Load `previous` (the driver that was loaded) again from the cache.
+async fn restore(layout: &Layout, previous: &InstallRequest, kernel: &dyn Kernel) -> Result<ReadyMarker> {
+    let staged = stage::stage_locked(layout, &previous.stage).await?;
+    load_staged(layout, previous, kernel, &staged)
 }
 
 /// What `install` would do on this host, in order, without doing it (`install --dry-run`).

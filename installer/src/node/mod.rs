@@ -12,6 +12,7 @@ pub mod devices;
 pub mod firmware;
 pub mod gc;
 pub mod gpus;
+pub mod holders;
 pub mod install;
 pub mod kernel;
 pub mod lock;

@@ -1,0 +1,209 @@
+//! `nvidia-installer upgrade-controller`: reads the cluster, [`plan`](super::plan::plan)s a round,
+//! and performs it through the API server. One replica; a restarted one carries on from the Nodes'
+//! labels.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams};
+use nvidia_contract::{
+    DRIVER_READY_LABEL, UPGRADE_CORDONED_ANNOTATION, UPGRADE_REASON_ANNOTATION, UPGRADE_SINCE_ANNOTATION,
+    UPGRADE_STATE_LABEL,
+};
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::plan::{self, Action, Policy};
+use super::{State, node_view, pod_view};
+use crate::node::api::node_event;
+use crate::{Error, Result};
+
+/// What the controller watches and how it paces the rollout.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The installer pods' namespace and labels (their init container performs the switch).
+    pub namespace: String,
+    pub installer_labels: Vec<(String, String)>,
+    /// GPU resource names (`prefix*` allowed): pods asking for one hold the driver.
+    pub gpu_resources: Vec<String>,
+    pub policy: Policy,
+    pub interval: Duration,
+}
+
+/// The merge patch that moves a node to `state` (with `reason`, or none), now.
+pub fn state_patch(state: State, reason: Option<&str>) -> serde_json::Value {
+    json!({"metadata": {
+        "labels": {UPGRADE_STATE_LABEL: state.as_str()},
+        "annotations": {
+            UPGRADE_SINCE_ANNOTATION: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            UPGRADE_REASON_ANNOTATION: reason,
+        },
+    }})
+}
+
+/// Run rounds every `config.interval` until `stop` resolves.
+pub async fn run(client: kube::Client, config: Config, stop: impl Future<Output = ()>) -> Result<()> {
+    let mut controller = Controller { client, config, warned: HashMap::new() };
+    tokio::pin!(stop);
+    info!(
+        namespace = %controller.config.namespace,
+        max_unavailable = ?controller.config.policy.max_unavailable,
+        drain_timeout = %humantime::format_duration(controller.config.policy.drain_timeout),
+        on_drain_timeout = ?controller.config.policy.on_drain_timeout,
+        "upgrade controller started"
+    );
+    loop {
+        if let Err(error) = controller.round().await {
+            warn!(%error, "upgrade round failed; trying again");
+        }
+        tokio::select! {
+            _ = &mut stop => return Ok(()),
+            _ = tokio::time::sleep(controller.config.interval) => {}
+        }
+    }
+}
+
+struct Controller {
+    client: kube::Client,
+    config: Config,
+    /// When a warning Event about a pod was last recorded (so a blocked drain does not flood).
+    warned: HashMap<String, Instant>,
+}
+
+/// The longest one API call of a round may take.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// At most one warning Event per pod and reason this often.
+const WARN_EVERY: Duration = Duration::from_secs(120);
+
+impl Controller {
+    /// One round: read, plan, act.
+    async fn round(&mut self) -> Result<()> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let listed = nodes
+            .list(&ListParams::default().labels(DRIVER_READY_LABEL))
+            .await
+            .map_err(|e| api_error("listing the GPU nodes", "", e))?;
+        let views: Vec<_> = listed.items.iter().map(node_view).collect();
+        let mut pods = Vec::new();
+        let pods_api: Api<Pod> = Api::all(self.client.clone());
+        for node in views.iter().filter(|n| matches!(n.state, Some(State::Draining | State::Unloading))) {
+            let on_node = pods_api
+                .list(&ListParams::default().fields(&format!("spec.nodeName={}", node.name)))
+                .await
+                .map_err(|e| api_error("listing the pods on", &node.name, e))?;
+            pods.extend(
+                on_node
+                    .items
+                    .iter()
+                    .filter_map(|p| pod_view(p, &self.config.gpu_resources, &self.config.installer_labels)),
+            );
+        }
+        let actions = plan::plan(&views, &pods, &self.config.policy, SystemTime::now());
+        for action in actions {
+            match tokio::time::timeout(STEP_TIMEOUT, self.perform(&action)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => warn!(%error, ?action, "upgrade step failed; retried next round"),
+                Err(_) => warn!(?action, "upgrade step took too long; retried next round"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn perform(&mut self, action: &Action) -> Result<()> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let patch_node = |node: &str, patch: serde_json::Value| {
+            let nodes = nodes.clone();
+            let node = node.to_owned();
+            async move {
+                nodes
+                    .patch(&node, &PatchParams::default(), &Patch::Merge(patch))
+                    .await
+                    .map(drop)
+                    .map_err(|e| api_error("patching", &node, e))
+            }
+        };
+        match action {
+            Action::Cordon { node } => {
+                info!(node, "cordoning for the driver upgrade");
+                patch_node(
+                    node,
+                    json!({"spec": {"unschedulable": true}, "metadata": {"annotations": {UPGRADE_CORDONED_ANNOTATION: "true"}}}),
+                )
+                .await
+            }
+            Action::Uncordon { node } => {
+                info!(node, "uncordoning after the driver upgrade");
+                patch_node(
+                    node,
+                    json!({"spec": {"unschedulable": false}, "metadata": {"annotations": {UPGRADE_CORDONED_ANNOTATION: null}}}),
+                )
+                .await
+            }
+            Action::SetState { node, state, reason } => {
+                info!(node, %state, reason = reason.as_deref().unwrap_or(""), "upgrade state");
+                patch_node(node, state_patch(*state, reason.as_deref())).await
+            }
+            Action::Evict { namespace, pod, node } => {
+                let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+                match pods.evict(pod, &EvictParams::default()).await {
+                    Ok(_) => {
+                        info!(node, pod = %format!("{namespace}/{pod}"), "evicted");
+                        Ok(())
+                    }
+                    Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+                    Err(kube::Error::Api(status)) if status.code == 429 => {
+                        let message = format!(
+                            "cannot evict pod {namespace}/{pod} yet (a PodDisruptionBudget allows no disruption now): {}",
+                            status.message
+                        );
+                        self.warn_once(node, &format!("{namespace}/{pod}"), "EvictionBlocked", &message).await;
+                        Ok(())
+                    }
+                    Err(e) => Err(api_error("evicting a pod on", node, e)),
+                }
+            }
+            Action::Delete { namespace, pod, node } | Action::RestartInstaller { namespace, pod, node } => {
+                let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+                info!(node, pod = %format!("{namespace}/{pod}"), restart_installer = matches!(action, Action::RestartInstaller { .. }), "deleting");
+                match pods.delete(pod, &DeleteParams::default()).await {
+                    Ok(_) => Ok(()),
+                    Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+                    Err(e) => Err(api_error("deleting a pod on", node, e)),
+                }
+            }
+            Action::Event { node, reason, message, warning } => {
+                if *warning {
+                    self.warn_once(node, node, reason, message).await;
+                } else {
+                    self.event(node, reason, message, false).await;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn warn_once(&mut self, node: &str, subject: &str, reason: &str, message: &str) {
+        let key = format!("{reason}/{subject}");
+        if self.warned.get(&key).is_some_and(|at| at.elapsed() < WARN_EVERY) {
+            return;
+        }
+        self.warned.insert(key, Instant::now());
+        warn!(node, %message, reason, "upgrade blocked");
+        self.event(node, reason, message, true).await;
+    }
+
+    async fn event(&self, node: &str, reason: &str, message: &str, warning: bool) {
+        let events: Api<Event> = Api::namespaced(self.client.clone(), "default");
+        let event = node_event(node, reason, message, warning, "Upgrade", "nvidia-installer-upgrade-controller");
+        if let Err(error) = events.create(&PostParams::default(), &event).await {
+            warn!(%error, node, reason, "could not record the event");
+        }
+    }
+}
+
+fn api_error(what: &str, node: &str, error: kube::Error) -> Error {
+    Error::Node { node: node.to_owned(), reason: format!("{what}: {error}") }
+}

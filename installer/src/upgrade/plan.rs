@@ -1,0 +1,340 @@
+//! What the upgrade controller does next, decided from a snapshot of the cluster alone: the
+//! states in the Nodes' labels and annotations and the pods on them. Nothing is kept in memory
+//! between rounds, so a restarted controller carries on where the API says the rollout stands.
+
+use std::time::{Duration, SystemTime};
+
+use super::{DrainPolicy, MaxUnavailable, State};
+
+/// A GPU node as the controller sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    pub name: String,
+    pub state: Option<State>,
+    pub target: Option<String>,
+    pub unschedulable: bool,
+    /// The controller cordoned it (and so uncordons it when done).
+    pub cordoned_by_us: bool,
+    /// When the state last changed.
+    pub since: Option<SystemTime>,
+}
+
+/// A pod on a node in the rollout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodView {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    /// Holds the GPU driver: the injected `wait` init container or a GPU resource.
+    pub gpu: bool,
+    /// The node's installer pod (its init container performs the kernel steps).
+    pub installer: bool,
+    /// Being deleted already.
+    pub terminating: bool,
+    pub created: Option<SystemTime>,
+}
+
+/// One step for the controller to take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Mark the node unschedulable, remembering that the controller did.
+    Cordon {
+        node: String,
+    },
+    /// Make it schedulable again (only nodes the controller cordoned).
+    Uncordon {
+        node: String,
+    },
+    SetState {
+        node: String,
+        state: State,
+        reason: Option<String>,
+    },
+    /// Through the Eviction API: PodDisruptionBudgets decide.
+    Evict {
+        namespace: String,
+        pod: String,
+        node: String,
+    },
+    /// `force-after`: delete a pod that did not leave in time.
+    Delete {
+        namespace: String,
+        pod: String,
+        node: String,
+    },
+    /// Delete the node's installer pod: its replacement's install step performs the switch.
+    RestartInstaller {
+        namespace: String,
+        pod: String,
+        node: String,
+    },
+    Event {
+        node: String,
+        reason: String,
+        message: String,
+        warning: bool,
+    },
+}
+
+/// How the rollout is paced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub max_unavailable: MaxUnavailable,
+    pub drain_timeout: Duration,
+    pub on_drain_timeout: DrainPolicy,
+}
+
+/// The nodes out of service for the upgrade now.
+pub fn unavailable(nodes: &[NodeView]) -> usize {
+    nodes.iter().filter(|n| n.state.is_some_and(State::out_of_service)).count()
+}
+
+/// The actions of one round.
+pub fn plan(nodes: &[NodeView], pods: &[PodView], policy: &Policy, now: SystemTime) -> Vec<Action> {
+    let mut actions = Vec::new();
+    let mut sorted: Vec<&NodeView> = nodes.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let budget = policy.max_unavailable.of(nodes.len());
+    let mut out = unavailable(nodes);
+    for node in &sorted {
+        let on_node = |p: &&PodView| p.node == node.name;
+        match node.state {
+            Some(State::Done | State::Failed) if node.cordoned_by_us => {
+                actions.push(Action::Uncordon { node: node.name.clone() });
+            }
+            Some(State::Cordoned) => {
+                actions.push(Action::SetState { node: node.name.clone(), state: State::Draining, reason: None })
+            }
+            Some(State::Draining) => drain(node, pods.iter().filter(on_node).collect(), policy, now, &mut actions),
+            Some(State::Unloading) => {
+                // The installer pod that runs the switch is the one created after the order; an
+                // older one (the controller stopped before deleting it) is deleted now.
+                let since = node.since.unwrap_or(SystemTime::UNIX_EPOCH);
+                for pod in pods.iter().filter(on_node).filter(|p| p.installer && !p.terminating) {
+                    if pod.created.is_none_or(|created| created < since) {
+                        actions.push(Action::RestartInstaller {
+                            namespace: pod.namespace.clone(),
+                            pod: pod.name.clone(),
+                            node: node.name.clone(),
+                        });
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    for node in sorted.iter().filter(|n| n.state == Some(State::UpgradeRequired)) {
+        if out >= budget {
+            break;
+        }
+        out += 1;
+        if !node.unschedulable {
+            actions.push(Action::Cordon { node: node.name.clone() });
+        }
+        actions.push(Action::SetState { node: node.name.clone(), state: State::Cordoned, reason: None });
+        actions.push(Action::Event {
+            node: node.name.clone(),
+            reason: "DriverUpgradeStarted".to_owned(),
+            message: format!(
+                "upgrading the NVIDIA driver to {}: cordoned; {} of at most {budget} GPU nodes out",
+                node.target.as_deref().unwrap_or("?"),
+                out
+            ),
+            warning: false,
+        });
+    }
+    actions
+}
+
+/// A draining node: evict its GPU pods; once none is left, order the switch.
+fn drain(node: &NodeView, pods: Vec<&PodView>, policy: &Policy, now: SystemTime, actions: &mut Vec<Action>) {
+    let holding: Vec<&PodView> = pods.iter().copied().filter(|p| p.gpu && !p.installer).collect();
+    if holding.is_empty() {
+        actions.push(Action::SetState { node: node.name.clone(), state: State::Unloading, reason: None });
+        for pod in pods.iter().filter(|p| p.installer && !p.terminating) {
+            actions.push(Action::RestartInstaller {
+                namespace: pod.namespace.clone(),
+                pod: pod.name.clone(),
+                node: node.name.clone(),
+            });
+        }
+        return;
+    }
+    let waited = node.since.and_then(|since| now.duration_since(since).ok()).unwrap_or_default();
+    let names = holding.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect::<Vec<_>>().join(", ");
+    if waited < policy.drain_timeout {
+        for pod in holding.iter().filter(|p| !p.terminating) {
+            actions.push(Action::Evict {
+                namespace: pod.namespace.clone(),
+                pod: pod.name.clone(),
+                node: node.name.clone(),
+            });
+        }
+        return;
+    }
+    let waited_text = humantime::format_duration(Duration::from_secs(waited.as_secs()));
+    match policy.on_drain_timeout {
+        DrainPolicy::Wait => {
+            for pod in holding.iter().filter(|p| !p.terminating) {
+                actions.push(Action::Evict {
+                    namespace: pod.namespace.clone(),
+                    pod: pod.name.clone(),
+                    node: node.name.clone(),
+                });
+            }
+            actions.push(Action::Event {
+                node: node.name.clone(),
+                reason: "DrainBlocked".to_owned(),
+                message: format!("still draining after {waited_text}; waiting for: {names}"),
+                warning: true,
+            });
+        }
+        DrainPolicy::ForceAfter => {
+            for pod in holding.iter().filter(|p| !p.terminating) {
+                actions.push(Action::Delete {
+                    namespace: pod.namespace.clone(),
+                    pod: pod.name.clone(),
+                    node: node.name.clone(),
+                });
+            }
+            actions.push(Action::Event {
+                node: node.name.clone(),
+                reason: "DrainForced".to_owned(),
+                message: format!("deleting pods that did not leave within {waited_text}: {names}"),
+                warning: true,
+            });
+        }
+        DrainPolicy::SkipNode => {
+            let reason = format!("drain timed out after {waited_text}; still on the node: {names}");
+            actions.push(Action::SetState {
+                node: node.name.clone(),
+                state: State::Failed,
+                reason: Some(reason.clone()),
+            });
+            actions.push(Action::Event {
+                node: node.name.clone(),
+                reason: "DriverUpgradeSkipped".to_owned(),
+                message: format!("{reason}; the node keeps its driver and is uncordoned"),
+                warning: true,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, state: Option<State>) -> NodeView {
+        NodeView {
+            name: name.to_owned(),
+            state,
+            target: Some("2".to_owned()),
+            unschedulable: state.is_some_and(State::out_of_service),
+            cordoned_by_us: state.is_some_and(State::out_of_service),
+            since: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1000)),
+        }
+    }
+
+    fn pod(name: &str, node: &str, gpu: bool, installer: bool) -> PodView {
+        PodView {
+            namespace: "ml".to_owned(),
+            name: name.to_owned(),
+            node: node.to_owned(),
+            gpu,
+            installer,
+            terminating: false,
+            created: Some(SystemTime::UNIX_EPOCH),
+        }
+    }
+
+    fn policy(max: MaxUnavailable, on_timeout: DrainPolicy) -> Policy {
+        Policy { max_unavailable: max, drain_timeout: Duration::from_secs(60), on_drain_timeout: on_timeout }
+    }
+
+    fn at(seconds: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(seconds)
+    }
+
+    #[test]
+    fn no_more_than_max_unavailable_are_started_counting_those_already_out() {
+        let nodes = vec![
+            node("a", Some(State::Draining)),
+            node("b", Some(State::UpgradeRequired)),
+            node("c", Some(State::UpgradeRequired)),
+            node("d", Some(State::UpgradeRequired)),
+            node("e", None),
+        ];
+        let actions = plan(&nodes, &[], &policy(MaxUnavailable::Count(2), DrainPolicy::Wait), at(1001));
+        let cordoned: Vec<_> = actions
+            .iter()
+            .filter_map(|a| if let Action::Cordon { node } = a { Some(node.as_str()) } else { None })
+            .collect();
+        assert_eq!(cordoned, ["b"], "a is out already; one more makes two");
+        let actions = plan(&nodes, &[], &policy(MaxUnavailable::Percent(40), DrainPolicy::Wait), at(1001));
+        assert!(actions.iter().any(|a| *a == Action::Cordon { node: "b".into() }), "40% of 5 is 2");
+        assert!(!actions.iter().any(|a| *a == Action::Cordon { node: "c".into() }));
+    }
+
+    #[test]
+    fn draining_evicts_only_gpu_pods_then_orders_the_switch() {
+        let nodes = vec![node("a", Some(State::Draining))];
+        let pods = vec![pod("train", "a", true, false), pod("web", "a", false, false), pod("inst", "a", false, true)];
+        let actions = plan(&nodes, &pods, &policy(MaxUnavailable::Count(1), DrainPolicy::Wait), at(1010));
+        assert_eq!(actions, vec![Action::Evict { namespace: "ml".into(), pod: "train".into(), node: "a".into() }]);
+        let pods = vec![pod("web", "a", false, false), pod("inst", "a", false, true)];
+        let actions = plan(&nodes, &pods, &policy(MaxUnavailable::Count(1), DrainPolicy::Wait), at(1010));
+        assert_eq!(
+            actions,
+            vec![
+                Action::SetState { node: "a".into(), state: State::Unloading, reason: None },
+                Action::RestartInstaller { namespace: "ml".into(), pod: "inst".into(), node: "a".into() },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_drain_past_its_timeout_follows_the_policy() {
+        let nodes = vec![node("a", Some(State::Draining))];
+        let pods = vec![pod("train", "a", true, false)];
+        let late = at(1000 + 61);
+        let wait = plan(&nodes, &pods, &policy(MaxUnavailable::Count(1), DrainPolicy::Wait), late);
+        assert!(wait.iter().any(|a| matches!(a, Action::Event { reason, message, .. } if reason == "DrainBlocked" && message.contains("ml/train"))));
+        let force = plan(&nodes, &pods, &policy(MaxUnavailable::Count(1), DrainPolicy::ForceAfter), late);
+        assert!(force.contains(&Action::Delete { namespace: "ml".into(), pod: "train".into(), node: "a".into() }));
+        let skip = plan(&nodes, &pods, &policy(MaxUnavailable::Count(1), DrainPolicy::SkipNode), late);
+        assert!(skip.iter().any(
+            |a| matches!(a, Action::SetState { state: State::Failed, reason: Some(r), .. } if r.contains("ml/train"))
+        ));
+    }
+
+    #[test]
+    fn finished_nodes_are_uncordoned_only_when_the_controller_cordoned_them() {
+        let mut theirs = node("b", Some(State::Done));
+        theirs.cordoned_by_us = false;
+        theirs.unschedulable = true;
+        let ours = |name: &str, state: State| NodeView {
+            cordoned_by_us: true,
+            unschedulable: true,
+            ..node(name, Some(state))
+        };
+        let nodes = vec![ours("a", State::Done), theirs, ours("c", State::Failed)];
+        let actions = plan(&nodes, &[], &policy(MaxUnavailable::Count(1), DrainPolicy::Wait), at(2000));
+        assert_eq!(actions, vec![Action::Uncordon { node: "a".into() }, Action::Uncordon { node: "c".into() }]);
+    }
+
+    #[test]
+    fn an_installer_pod_older_than_the_order_is_restarted_again_after_a_controller_restart() {
+        let nodes = vec![node("a", Some(State::Unloading))];
+        let mut old = pod("inst-old", "a", false, true);
+        old.created = Some(at(10));
+        let mut new = pod("inst-new", "a", false, true);
+        new.created = Some(at(2000));
+        let actions = plan(&nodes, &[old, new.clone()], &policy(MaxUnavailable::Count(1), DrainPolicy::Wait), at(2001));
+        assert_eq!(
+            actions,
+            vec![Action::RestartInstaller { namespace: "ml".into(), pod: "inst-old".into(), node: "a".into() }]
+        );
+        assert!(plan(&nodes, &[new], &policy(MaxUnavailable::Count(1), DrainPolicy::Wait), at(2001)).is_empty());
+    }
+}

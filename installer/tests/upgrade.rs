@@ -1,0 +1,155 @@
+//! The node's side of a live upgrade, through the kernel seam: driver A loaded and serving, B
+//! asked for. Without an order, B is staged beside A and the node asks for an upgrade; with the
+//! controller's order, A is unloaded only when nothing holds it, B is loaded and validated, and a
+//! B that fails leaves A loaded again from the cache.
+
+mod common;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use integration_tests::s3::S3Server;
+use nvidia_installer::node::api::{Report, Reporter};
+use nvidia_installer::node::install::{InstallRequest, Upgrade, install};
+use nvidia_installer::node::ready::{self, Readiness};
+use nvidia_installer::upgrade::State;
+
+const NEW: &str = "550.163.01";
+const MODULES: [&str; 3] = ["nvidia", "nvidia-uvm", "nvidia-modeset"];
+
+/// A host serving driver A ([`DRIVER`]), with B ([`NEW`]) published too.
+async fn serving_a() -> (S3Server, tempfile::TempDir, tempfile::TempDir, nvidia_contract::layout::Layout) {
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let work = tempfile::tempdir().expect("work");
+    publish_bundle(&server, work.path(), KERNEL, DRIVER, 4096).await;
+    publish_bundle(&server, work.path(), KERNEL, NEW, 4096).await;
+    let host_dir = tempfile::tempdir().expect("host");
+    let layout = host(host_dir.path());
+    let kernel = SimKernel::new(host_dir.path());
+    install(&layout, &request_for(&server, DRIVER, Upgrade::Manual), &kernel, &Reporter::Log).await.expect("install A");
+    (server, work, host_dir, layout)
+}
+
+fn request_for(server: &S3Server, driver: &str, upgrade: Upgrade) -> InstallRequest {
+    InstallRequest {
+        stage: request(server, KERNEL, driver),
+        modules: MODULES.iter().map(|m| (*m).to_owned()).collect(),
+        compile: None,
+        upgrade,
+    }
+}
+
+fn ordered(state: State, wait: Duration) -> Upgrade {
+    Upgrade::Controller { order: Some((state, Some(NEW.to_owned()))), unload_wait: wait }
+}
+
+fn states(reports: &Arc<Mutex<Vec<Report>>>) -> Vec<String> {
+    reports
+        .lock()
+        .expect("reports")
+        .iter()
+        .filter_map(|r| r.reason.strip_prefix("upgrade:").map(str::to_owned))
+        .collect()
+}
+
+fn loaded_version(host: &Path) -> Option<String> {
+    std::fs::read_to_string(host.join("sys/module/nvidia/version")).ok().map(|v| v.trim().to_owned())
+}
+
+#[tokio::test]
+async fn without_an_order_b_is_staged_beside_a_and_an_upgrade_is_asked_for() {
+    let (server, _work, host_dir, layout) = serving_a().await;
+    let kernel = SimKernel::new(host_dir.path());
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let request = request_for(&server, NEW, Upgrade::Controller { order: None, unload_wait: Duration::ZERO });
+    let marker = install(&layout, &request, &kernel, &Reporter::Record(reports.clone())).await.expect("keeps A");
+    assert_eq!(marker.driver_version, DRIVER, "A keeps serving");
+    assert!(kernel.calls().is_empty(), "nothing asked of the kernel: {:?}", kernel.calls());
+    assert!(layout.bundle(KERNEL, NEW).join("manifest.json").is_file(), "B is staged in the cache");
+    assert_eq!(states(&reports), ["upgrade-required"]);
+    assert!(matches!(ready::check(&layout, Some(DRIVER)), Readiness::Ready(_)));
+    // Asked again while the controller works on it, the node does not start over.
+    let request = request_for(&server, NEW, ordered(State::Draining, Duration::ZERO));
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    install(&layout, &request, &kernel, &Reporter::Record(reports.clone())).await.expect("keeps A");
+    assert!(states(&reports).is_empty(), "{:?}", states(&reports));
+}
+
+#[tokio::test]
+async fn the_ordered_switch_unloads_a_loads_b_from_the_cache_and_reports_done() {
+    let (server, _work, host_dir, layout) = serving_a().await;
+    // B staged earlier (as the unordered run did); the switch needs no bucket.
+    let stage = request_for(&server, NEW, Upgrade::Controller { order: None, unload_wait: Duration::ZERO });
+    install(&layout, &stage, &SimKernel::new(host_dir.path()), &Reporter::Log).await.expect("stage B");
+    server.log().clear();
+    let kernel = SimKernel::new(host_dir.path());
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let request = request_for(&server, NEW, ordered(State::Unloading, Duration::from_secs(5)));
+    let marker = install(&layout, &request, &kernel, &Reporter::Record(reports.clone())).await.expect("switch");
+    assert_eq!(marker.driver_version, NEW);
+    assert_eq!(loaded_version(host_dir.path()).as_deref(), Some(NEW));
+    let calls = kernel.calls();
+    let unloads: Vec<_> =
+        calls.iter().filter_map(|c| if let Call::Unload(m) = c { Some(m.as_str()) } else { None }).collect();
+    assert_eq!(unloads.last(), Some(&"nvidia"), "users first, nvidia last: {unloads:?}");
+    assert_eq!(unloads.len(), 3);
+    let first_load = calls.iter().position(|c| matches!(c, Call::Load(_))).expect("loads");
+    let last_unload = calls.iter().rposition(|c| matches!(c, Call::Unload(_))).expect("unloads");
+    assert!(last_unload < first_load, "B loads only after A is gone: {calls:?}");
+    assert_eq!(states(&reports), ["installing", "validating", "done"]);
+    assert_eq!(std::fs::read_link(layout.current()).expect("current"), Path::new("cache").join(KERNEL).join(NEW));
+    assert!(layout.bundle(KERNEL, DRIVER).join("manifest.json").is_file(), "A stays in the cache for a rollback");
+    assert_eq!(server.log().len(), 0, "the switch came from the cache: no request to the bucket");
+}
+
+#[tokio::test]
+async fn a_process_holding_the_device_blocks_the_unload_and_is_named() {
+    let (server, _work, host_dir, layout) = serving_a().await;
+    let process = host_dir.path().join("proc/31337");
+    std::fs::create_dir_all(process.join("fd")).expect("fd");
+    std::fs::write(process.join("comm"), "train.py\n").expect("comm");
+    std::os::unix::fs::symlink("/dev/nvidia0", process.join("fd/12")).expect("fd");
+    let kernel = SimKernel::new(host_dir.path());
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let request = request_for(&server, NEW, ordered(State::Unloading, Duration::from_millis(300)));
+    let marker = install(&layout, &request, &kernel, &Reporter::Record(reports.clone())).await.expect("keeps A");
+    assert_eq!(marker.driver_version, DRIVER);
+    assert!(kernel.calls().is_empty(), "nothing unloaded while in use: {:?}", kernel.calls());
+    let failed =
+        reports.lock().expect("reports").iter().find(|r| r.reason == "upgrade:failed").cloned().expect("failed");
+    assert!(failed.message.contains("process 31337 (train.py) has /dev/nvidia0 open"), "{}", failed.message);
+    assert!(matches!(ready::check(&layout, Some(DRIVER)), Readiness::Ready(_)), "A still serves");
+    assert_eq!(loaded_version(host_dir.path()).as_deref(), Some(DRIVER));
+}
+
+#[tokio::test]
+async fn a_b_that_fails_to_load_leaves_a_loaded_again_and_the_node_usable() {
+    let (server, _work, host_dir, layout) = serving_a().await;
+    let mut kernel = SimKernel::new(host_dir.path());
+    kernel.fail_version = Some(NEW.to_owned());
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let request = request_for(&server, NEW, ordered(State::Unloading, Duration::from_secs(5)));
+    let marker = install(&layout, &request, &kernel, &Reporter::Record(reports.clone())).await.expect("A again");
+    assert_eq!(marker.driver_version, DRIVER);
+    assert_eq!(loaded_version(host_dir.path()).as_deref(), Some(DRIVER));
+    assert!(matches!(ready::check(&layout, Some(DRIVER)), Readiness::Ready(_)), "the node serves A again");
+    assert_eq!(
+        std::fs::read_link(layout.current()).expect("current"),
+        Path::new("cache").join(KERNEL).join(DRIVER),
+        "current points at A again"
+    );
+    let recorded = reports.lock().expect("reports").clone();
+    let failed = recorded.iter().find(|r| r.reason == "upgrade:failed").expect("failed");
+    assert!(failed.message.contains(&format!("driver {NEW} failed")), "{}", failed.message);
+    assert!(failed.message.contains(&format!("driver {DRIVER} is loaded again")), "{}", failed.message);
+    // The failed upgrade is not tried again by itself.
+    let again = request_for(&server, NEW, ordered(State::Failed, Duration::from_secs(5)));
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let kernel = SimKernel::new(host_dir.path());
+    install(&layout, &again, &kernel, &Reporter::Record(reports.clone())).await.expect("keeps A");
+    assert!(kernel.calls().is_empty());
+    assert!(states(&reports).is_empty());
+}

@@ -1,0 +1,265 @@
+//! The upgrade controller against the loopback Kubernetes API: ten GPU nodes waiting for a new
+//! driver, pods with and without the driver on them, a PodDisruptionBudget that refuses one
+//! eviction with 429 for a while, a node whose new driver fails, and the controller killed and
+//! started again in the middle. The nodes' side (the installer pod's install step, which the
+//! DaemonSet starts again when the controller deletes it) is played by this test through the API.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use integration_tests::fixtures::workspace_binary;
+use integration_tests::kube::{ApiServer, now_rfc3339};
+use nvidia_contract::{
+    DRIVER_READY_LABEL, DRIVER_VERSION_LABEL, INIT_CONTAINER, UPGRADE_CORDONED_ANNOTATION, UPGRADE_REASON_ANNOTATION,
+    UPGRADE_SINCE_ANNOTATION, UPGRADE_STATE_LABEL, UPGRADE_TARGET_ANNOTATION,
+};
+use serde_json::{Value, json};
+
+const NODES: usize = 10;
+const MAX_UNAVAILABLE: usize = 3;
+const OLD: &str = "550.54.14";
+const NEW: &str = "570.172.08";
+/// The node whose new driver fails (its install step goes back to the old one).
+const FAILING: &str = "gpu-07";
+/// The node whose GPU pod a PodDisruptionBudget protects for a while.
+const GUARDED: &str = "gpu-03";
+/// How many evictions of the guarded pod its PodDisruptionBudget refuses.
+const REFUSALS: usize = 24;
+
+fn node_path(name: &str) -> String {
+    format!("/api/v1/nodes/{name}")
+}
+
+fn pod_path(namespace: &str, name: &str) -> String {
+    format!("/api/v1/namespaces/{namespace}/pods/{name}")
+}
+
+fn node_name(i: usize) -> String {
+    format!("gpu-{i:02}")
+}
+
+/// A pod on `node`; `gpu`: with the injected `wait` init container and a GPU limit.
+fn pod(namespace: &str, name: &str, node: &str, gpu: bool, labels: Value) -> Value {
+    let mut spec = json!({"nodeName": node, "containers": [{"name": "main", "image": "app"}]});
+    if gpu {
+        spec["initContainers"] = json!([{"name": INIT_CONTAINER, "image": "installer"}]);
+        spec["containers"][0]["resources"] = json!({"limits": {"nvidia.com/gpu": "1"}});
+    }
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": namespace, "labels": labels, "creationTimestamp": "2026-01-01T00:00:00Z"},
+           "spec": spec, "status": {"phase": "Running"}})
+}
+
+fn installer_pod(node: &str, generation: u32) -> Value {
+    let mut pod = pod(
+        "kube-system",
+        &format!("nvidia-installer-{node}-{generation}"),
+        node,
+        false,
+        json!({"app": "nvidia-installer"}),
+    );
+    pod["metadata"]["creationTimestamp"] = json!(now_rfc3339());
+    pod
+}
+
+/// Ten nodes on the old driver, each asking for the new one as the install step asks.
+fn cluster(api: &ApiServer) {
+    for i in 0..NODES {
+        let name = node_name(i);
+        api.insert(
+            &node_path(&name),
+            json!({"apiVersion": "v1", "kind": "Node",
+                   "metadata": {"name": name, "labels": {DRIVER_READY_LABEL: "true", DRIVER_VERSION_LABEL: OLD, UPGRADE_STATE_LABEL: "upgrade-required"},
+                                "annotations": {UPGRADE_TARGET_ANNOTATION: NEW}},
+                   "spec": {}}),
+        );
+        api.insert(
+            &pod_path("ml", &format!("train-{name}")),
+            pod("ml", &format!("train-{name}"), &name, true, json!({})),
+        );
+        api.insert(
+            &pod_path("web", &format!("web-{name}")),
+            pod("web", &format!("web-{name}"), &name, false, json!({})),
+        );
+        let installer = installer_pod(&name, 0);
+        api.insert(&pod_path("kube-system", installer["metadata"]["name"].as_str().expect("name")), installer);
+    }
+    // A CPU-only node: not a GPU node, never touched.
+    api.insert(
+        &node_path("cpu-00"),
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "cpu-00", "labels": {}}, "spec": {}}),
+    );
+    api.insert(&pod_path("web", "web-cpu-00"), pod("web", "web-cpu-00", "cpu-00", false, json!({})));
+}
+
+fn controller(kubeconfig: &Path) -> Child {
+    Command::new(workspace_binary("nvidia-installer"))
+        .args(["upgrade-controller", "--namespace", "kube-system", "--installer-labels", "app=nvidia-installer"])
+        .args(["--max-unavailable", &MAX_UNAVAILABLE.to_string(), "--interval", "150ms", "--drain-timeout", "1h"])
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("upgrade-controller")
+}
+
+fn state(api: &ApiServer, node: &str) -> Option<String> {
+    api.object(&node_path(node)).and_then(|n| n["metadata"]["labels"][UPGRADE_STATE_LABEL].as_str().map(str::to_owned))
+}
+
+/// The DaemonSet and the nodes' install step: a deleted installer pod comes back, and the new one
+/// performs an ordered switch (`unloading` → `installing` → `done`, or `failed` on [`FAILING`]).
+fn play_nodes(api: &ApiServer, stop: &AtomicBool) {
+    let mut generation = 1;
+    while !stop.load(Ordering::SeqCst) {
+        for i in 0..NODES {
+            let node = node_name(i);
+            let present =
+                api.objects("/api/v1/namespaces/kube-system/pods").iter().any(|p| p["spec"]["nodeName"] == json!(node));
+            if present {
+                continue;
+            }
+            let ordered = state(api, &node).as_deref() == Some("unloading");
+            let pod = installer_pod(&node, generation);
+            generation += 1;
+            api.insert(&pod_path("kube-system", pod["metadata"]["name"].as_str().expect("name")), pod);
+            if ordered {
+                let Some(mut object) = api.object(&node_path(&node)) else { continue };
+                let failed = node == FAILING;
+                object["metadata"]["labels"][UPGRADE_STATE_LABEL] = json!(if failed { "failed" } else { "done" });
+                object["metadata"]["annotations"][UPGRADE_SINCE_ANNOTATION] = json!(now_rfc3339());
+                if failed {
+                    object["metadata"]["annotations"][UPGRADE_REASON_ANNOTATION] = json!(format!(
+                        "driver {NEW} failed: nvidia-smi failed; driver {OLD} is loaded again from the cache"
+                    ));
+                } else {
+                    object["metadata"]["labels"][DRIVER_VERSION_LABEL] = json!(NEW);
+                }
+                api.insert(&node_path(&node), object);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(30));
+    }
+}
+
+/// The most nodes cordoned at once, replaying every node patch the controller sent, in order.
+fn most_cordoned_at_once(api: &ApiServer) -> usize {
+    let mut cordoned = BTreeSet::new();
+    let mut most = 0;
+    for request in api.requests() {
+        if request.method != "PATCH" || !request.path.starts_with("/api/v1/nodes/") || request.status >= 300 {
+            continue;
+        }
+        let node = request.path.trim_start_matches("/api/v1/nodes/").to_owned();
+        match request.body["spec"]["unschedulable"].as_bool() {
+            Some(true) => {
+                cordoned.insert(node);
+            }
+            Some(false) => {
+                cordoned.remove(&node);
+            }
+            None => {}
+        }
+        most = most.max(cordoned.len());
+    }
+    most
+}
+
+#[test]
+fn a_rollout_keeps_to_max_unavailable_through_a_pdb_a_failure_and_a_controller_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = Arc::new(ApiServer::start());
+    cluster(&api);
+    // The guarded pod's PodDisruptionBudget allows no disruption for its first evictions (more than
+    // the API client's own retries of a 429 take).
+    for _ in 0..REFUSALS {
+        api.fail_next("POST", &format!("{}/eviction", pod_path("ml", &format!("train-{GUARDED}"))), 429);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let nodes = {
+        let (api, stop) = (Arc::clone(&api), Arc::clone(&stop));
+        std::thread::spawn(move || play_nodes(&api, &stop))
+    };
+    let kubeconfig = api.kubeconfig(dir.path());
+
+    // The first controller, killed once some nodes are out; a second one carries on.
+    let mut first = controller(&kubeconfig);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (0..NODES).filter(|i| matches!(state(&api, &node_name(*i)).as_deref(), Some("done" | "failed"))).count() < 2 {
+        assert!(Instant::now() < deadline, "no node finished within a minute");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.kill().expect("kill");
+    let first_log = first.wait_with_output().expect("first controller");
+    let mut second = controller(&kubeconfig);
+    let finished = |api: &ApiServer| {
+        (0..NODES).all(|i| {
+            let node = api.object(&node_path(&node_name(i))).expect("node");
+            matches!(state(api, &node_name(i)).as_deref(), Some("done" | "failed"))
+                && node["spec"]["unschedulable"] != json!(true)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !finished(&api) {
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            let log = second.wait_with_output().expect("controller");
+            let states: Vec<_> = (0..NODES).map(|i| (node_name(i), state(&api, &node_name(i)))).collect();
+            panic!("rollout unfinished: {states:?}\n{}", String::from_utf8_lossy(&log.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    second.kill().expect("kill");
+    let second_log = second.wait_with_output().expect("second controller");
+    stop.store(true, Ordering::SeqCst);
+    nodes.join().expect("nodes");
+    let logs = format!("{}{}", String::from_utf8_lossy(&first_log.stderr), String::from_utf8_lossy(&second_log.stderr));
+
+    assert!(
+        most_cordoned_at_once(&api) <= MAX_UNAVAILABLE,
+        "more than {MAX_UNAVAILABLE} nodes cordoned at once\n{logs}"
+    );
+    assert!(most_cordoned_at_once(&api) >= 2, "the rollout ran nodes in parallel");
+    for i in 0..NODES {
+        let name = node_name(i);
+        let node = api.object(&node_path(&name)).expect("node");
+        let annotations = &node["metadata"]["annotations"];
+        if name == FAILING {
+            assert_eq!(state(&api, &name).as_deref(), Some("failed"));
+            assert!(annotations[UPGRADE_REASON_ANNOTATION].as_str().is_some_and(|r| r.contains("loaded again")));
+            assert_eq!(node["metadata"]["labels"][DRIVER_VERSION_LABEL], json!(OLD));
+        } else {
+            assert_eq!(state(&api, &name).as_deref(), Some("done"), "{name}");
+            assert_eq!(node["metadata"]["labels"][DRIVER_VERSION_LABEL], json!(NEW));
+        }
+        assert!(annotations[UPGRADE_CORDONED_ANNOTATION].is_null(), "{name}: uncordoned and forgotten");
+        assert!(api.object(&pod_path("ml", &format!("train-{name}"))).is_none(), "{name}: the GPU pod was evicted");
+        assert!(api.object(&pod_path("web", &format!("web-{name}"))).is_some(), "{name}: the CPU-only pod stays");
+    }
+    let requests = api.requests();
+    let touched_cpu_pods = requests.iter().filter(|r| r.path.contains("/namespaces/web/") && r.method != "GET").count();
+    assert_eq!(touched_cpu_pods, 0, "no CPU-only pod is evicted or deleted");
+    assert!(
+        !requests.iter().any(|r| r.path == node_path("cpu-00") && r.method == "PATCH"),
+        "the CPU node is left alone"
+    );
+    let evictions = |status: u16| {
+        requests.iter().filter(|r| r.path.ends_with(&format!("train-{GUARDED}/eviction")) && r.status == status).count()
+    };
+    assert_eq!(evictions(429), REFUSALS, "the PDB refused every time it was asked to");
+    assert_eq!(evictions(201), 1, "then the eviction went through");
+    let events: Vec<Value> = api.objects("/apis/events.k8s.io/v1/namespaces/default/events");
+    let blocked = events
+        .iter()
+        .find(|e| e["reason"] == json!("EvictionBlocked"))
+        .unwrap_or_else(|| panic!("an event names the blocking pod: {events:?}\n{logs}"));
+    assert!(blocked["note"].as_str().is_some_and(|n| n.contains(&format!("ml/train-{GUARDED}"))), "{blocked}");
+    assert_eq!(blocked["regarding"]["name"], json!(GUARDED));
+    let started = events.iter().filter(|e| e["reason"] == json!("DriverUpgradeStarted")).count();
+    assert!(started >= NODES, "every node's start is recorded ({started})");
+}
