@@ -143,6 +143,19 @@ Injection settings, shared by the webhook and the DaemonSets.
 {{- join "," .Values.injection.gpuResources }}
 {{- end }}
 
+{{/*
+The installer pods' selector labels as key=value,... (sorted): the same helper renders the
+installer DaemonSet's selector, so the upgrade controller's --installer-labels cannot drift from it.
+*/}}
+{{- define "nvidia-installer.installerPodSelector" -}}
+{{- $labels := include "nvidia-installer.selectorLabels" (list . "installer") | fromYaml }}
+{{- $pairs := list }}
+{{- range $key := keys $labels | sortAlpha }}
+{{- $pairs = append $pairs (printf "%s=%v" $key (get $labels $key)) }}
+{{- end }}
+{{- join "," $pairs }}
+{{- end }}
+
 {{/* The webhook flags that describe what is injected. */}}
 {{- define "nvidia-installer.injectionArgs" -}}
 - --installer-image={{ include "nvidia-installer.installerImage" . }}
@@ -294,19 +307,46 @@ seccompProfile:
 {{/*
 Scheduling of the node pods (installer, compiler, device plugin): nvidiaInstaller.nodeAffinity and
 nvidiaInstaller.tolerations, unless the component's own values set `affinity` or `tolerations` (the
-device plugin's). Call with (list $ .Values.devicePlugin) or (list $ dict).
+device plugin's). Call with (list $ .Values.devicePlugin) or (list $ dict); a third element, a list
+of node selector requirements, is added to every required node selector term (the terms are ORed,
+so a requirement holds only when every term has it), or makes the only term when there is none.
+Terms with neither matchExpressions nor matchFields match no node and are left as they are.
 */}}
 {{- define "nvidia-installer.nodeScheduling" -}}
 {{- $root := index . 0 }}
 {{- $own := index . 1 }}
-priorityClassName: {{ $root.Values.nvidiaInstaller.priorityClassName }}
+{{- $also := list }}
+{{- if gt (len .) 2 }}
+{{- $also = index . 2 }}
+{{- end }}
+{{- $affinity := dict }}
 {{- if $own.affinity }}
-affinity:
-  {{- toYaml $own.affinity | nindent 2 }}
+{{- $affinity = deepCopy $own.affinity }}
 {{- else if $root.Values.nvidiaInstaller.nodeAffinity }}
+{{- $affinity = dict "nodeAffinity" (deepCopy $root.Values.nvidiaInstaller.nodeAffinity) }}
+{{- end }}
+{{- if $also }}
+{{- $nodeAffinity := $affinity.nodeAffinity | default dict }}
+{{- $required := $nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution | default dict }}
+{{- $terms := list }}
+{{- range $required.nodeSelectorTerms }}
+{{- if or .matchExpressions .matchFields }}
+{{- $terms = append $terms (set (deepCopy .) "matchExpressions" (concat (.matchExpressions | default list) $also)) }}
+{{- else }}
+{{- $terms = append $terms . }}
+{{- end }}
+{{- end }}
+{{- if not $terms }}
+{{- $terms = list (dict "matchExpressions" $also) }}
+{{- end }}
+{{- $_ := set $required "nodeSelectorTerms" $terms }}
+{{- $_ = set $nodeAffinity "requiredDuringSchedulingIgnoredDuringExecution" $required }}
+{{- $_ = set $affinity "nodeAffinity" $nodeAffinity }}
+{{- end }}
+priorityClassName: {{ $root.Values.nvidiaInstaller.priorityClassName }}
+{{- with $affinity }}
 affinity:
-  nodeAffinity:
-    {{- toYaml $root.Values.nvidiaInstaller.nodeAffinity | nindent 4 }}
+  {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- with (default $root.Values.nvidiaInstaller.tolerations $own.tolerations) }}
 tolerations:

@@ -38,6 +38,12 @@ The install step of the installer DaemonSet: an init container, or a main contai
     {{- end }}
     - --flavor={{ .Values.compiler.flavor }}
     {{- end }}
+    {{- if .Values.upgrade.enabled }}
+    # With another driver loaded: stage beside it, mark the node upgrade-required and keep it; switch
+    # when the upgrade controller orders it (the node's upgrade-state label, read at start).
+    - --upgrade-mode=controller
+    - --unload-wait={{ .Values.upgrade.unloadWait }}
+    {{- end }}
   env:
     {{- include "nvidia-installer.env" . | trim | nindent 4 }}
     {{- with include "nvidia-installer.bucketEnv" . | trim }}

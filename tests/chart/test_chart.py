@@ -137,6 +137,22 @@ def selector_matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     return True
 
 
+# The device plugin leaves a node while its driver is switched (upgrade.enabled): every required
+# node selector term of its affinity carries this requirement (test_upgrade.py).
+SWITCHING = {"key": f"{P}/upgrade-state", "operator": "NotIn", "values": ["unloading", "installing", "validating"]}
+
+
+def without_switching(affinity: dict[str, Any]) -> dict[str, Any]:
+    """The affinity without the SWITCHING requirement (as nvidiaInstaller.nodeAffinity gave it)."""
+    affinity = copy.deepcopy(affinity)
+    required = affinity.get("nodeAffinity", {}).get("requiredDuringSchedulingIgnoredDuringExecution", {})
+    for term in required.get("nodeSelectorTerms", []):
+        term["matchExpressions"] = [e for e in term.get("matchExpressions", []) if e != SWITCHING]
+        if not term["matchExpressions"]:
+            del term["matchExpressions"]
+    return affinity
+
+
 def namespace_labels(name: str, inject: str | None) -> dict[str, str]:
     labels = {"kubernetes.io/metadata.name": name}
     if inject is not None:
@@ -328,7 +344,9 @@ def test_service_accounts_hold_only_what_they_need(case: str) -> None:
         assert compiler["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
         return
     installer = one(objs, "ClusterRole", "installer")
-    assert installer["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["patch"]}]
+    # With live upgrades it also reads its own Node's upgrade order (test_upgrade.py).
+    assert installer["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["patch"]}] + (
+        [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}] if v["upgrade"]["enabled"] else [])
     # Events about Nodes go to `default`, and only there.
     [events] = [r for r in find(objs, "Role") if component(r) == "installer"]
     assert events["metadata"]["namespace"] == "default"
@@ -721,7 +739,9 @@ def test_device_plugin_uses_the_staged_driver() -> None:
     assert volumes["kubelet-device-plugins"]["hostPath"]["path"] == "/var/lib/kubelet/device-plugins"
     assert mounts["kubelet-device-plugins"]["mountPath"] == "/var/lib/kubelet/device-plugins"
     installer = one(objects("defaults"), "DaemonSet", "installer")["spec"]["template"]["spec"]
-    assert pod["affinity"] == installer["affinity"]
+    # The installer's, and the device plugin leaves a node while its driver is switched.
+    assert without_switching(pod["affinity"]) == installer["affinity"]
+    assert pod["affinity"] != installer["affinity"]
     assert pod["tolerations"] == installer["tolerations"]
 
 
