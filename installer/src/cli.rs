@@ -385,6 +385,11 @@ pub struct InstallArgs {
     /// controller (controller; needs --node-name).
     #[arg(long, env = "NVIDIA_INSTALLER_UPGRADE_MODE", value_enum, default_value = "manual")]
     pub upgrade_mode: UpgradeMode,
+    /// Replace a loaded driver of another version now, without a reboot: wait (--unload-wait)
+    /// until nothing holds it, unload it, install this one, and load the old one again if this one
+    /// fails. For a node drained by hand; the upgrade controller orders the same switch itself.
+    #[arg(long, env = "NVIDIA_INSTALLER_SWITCH")]
+    pub switch: bool,
     /// In an ordered switch: how long to wait for processes to let go of the old driver.
     #[arg(long, env = "NVIDIA_INSTALLER_UNLOAD_WAIT", value_parser = humantime::parse_duration, default_value = "5m")]
     pub unload_wait: Duration,

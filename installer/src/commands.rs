@@ -67,7 +67,10 @@ pub async fn install(args: &InstallArgs) -> Result<()> {
         return Ok(());
     }
     let reporter = Reporter::for_node(args.node_name.as_deref()).await?;
-    if args.upgrade_mode == UpgradeMode::Controller {
+    if args.switch {
+        let order = Some((crate::upgrade::State::Unloading, Some(request.stage.driver_version.clone())));
+        request.upgrade = Upgrade::Controller { order, unload_wait: args.unload_wait };
+    } else if args.upgrade_mode == UpgradeMode::Controller {
         request.upgrade = Upgrade::Controller { order: reporter.upgrade_order().await, unload_wait: args.unload_wait };
     }
     let kernel = HostKernel { host_root: args.stage.host.host_root.clone() };
@@ -79,6 +82,14 @@ pub async fn install(args: &InstallArgs) -> Result<()> {
         warn!(%error, "recording the run for the node's metrics");
     }
     let marker = result?;
+    if args.switch && marker.driver_version != request.stage.driver_version {
+        return Err(Error::Upgrade {
+            reason: format!(
+                "driver {} was not installed; driver {} is loaded and serving (the log above says why)",
+                request.stage.driver_version, marker.driver_version
+            ),
+        });
+    }
     println!("NVIDIA driver {} ready for kernel {}", marker.driver_version, marker.kernel_release);
     Ok(())
 }

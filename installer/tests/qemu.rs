@@ -127,6 +127,18 @@ fn stand_in_bundle(guest: &Guest, work: &Path) -> PathBuf {
 
 /// The stand-in as driver `version`, its modules signed with `signing` (key, certificate) when given.
 fn stand_in_bundle_of(guest: &Guest, work: &Path, version: &str, signing: Option<(&Path, &Path)>) -> PathBuf {
+    stand_in_bundle_with(guest, work, version, signing, true)
+}
+
+/// [`stand_in_bundle_of`], with its firmware or without (then its nvidia.ko fails to load, as the
+/// real one does without its GSP firmware).
+fn stand_in_bundle_with(
+    guest: &Guest,
+    work: &Path,
+    version: &str,
+    signing: Option<(&Path, &Path)>,
+    firmware: bool,
+) -> PathBuf {
     let work = &work.join(format!("stand-in-{version}"));
     let src = work.join("kmod");
     std::fs::create_dir_all(&src).expect("kmod dir");
@@ -157,8 +169,10 @@ fn stand_in_bundle_of(guest: &Guest, work: &Path, version: &str, signing: Option
         std::fs::create_dir_all(dir.join(sub)).expect("bundle dir");
     }
     // The firmware the stand-in nvidia.ko requests when it loads, as the real one its GSP firmware.
-    std::fs::write(dir.join(format!("firmware/nvidia/{version}/gsp_test.bin")), b"stand-in GSP firmware")
-        .expect("firmware");
+    if firmware {
+        std::fs::write(dir.join(format!("firmware/nvidia/{version}/gsp_test.bin")), b"stand-in GSP firmware")
+            .expect("firmware");
+    }
     for module in ["nvidia", "nvidia-uvm", "nvidia-modeset"] {
         std::fs::copy(src.join(format!("{module}.ko")), dir.join(format!("modules/{module}.ko"))).expect("module");
     }
@@ -244,7 +258,21 @@ fn boot_with(
     script: &str,
     parameters: &str,
 ) -> BTreeMap<String, (i32, String)> {
+    boot_from(guest, work, bundles, None, script, parameters).0
+}
+
+/// [`boot_with`], the driver root restored first from `disk` (a tar of `/opt/nvidia-installer`
+/// that an earlier boot wrote, as a node's disk keeps it across a reboot).
+fn boot_from(
+    guest: &Guest,
+    work: &Path,
+    bundles: &[(&str, &Path)],
+    disk: Option<&Path>,
+    script: &str,
+    parameters: &str,
+) -> (BTreeMap<String, (i32, String)>, String) {
     let root = work.join("initramfs");
+    let _ = std::fs::remove_dir_all(&root);
     for dir in ["bin", "proc", "sys", "dev", "tmp"] {
         std::fs::create_dir_all(root.join(dir)).expect("initramfs dir");
     }
@@ -298,6 +326,9 @@ fn boot_with(
             .envs(server.env()));
     }
 
+    if let Some(disk) = disk {
+        run(Command::new("tar").arg("-xf").arg(disk).arg("-C").arg(&root));
+    }
     let cpio = work.join("initramfs.cpio");
     let file = std::fs::File::create(&cpio).expect("cpio");
     run(Command::new("sh")
@@ -318,7 +349,7 @@ fn boot_with(
         .expect("qemu-system-x86_64 (qemu-system-x86)");
     let console = String::from_utf8_lossy(&output.stdout).replace('\r', "");
     assert!(console.contains("@@NVT DONE"), "the guest did not finish ({}):\n{console}", output.status);
-    steps(&console)
+    (steps(&console), console)
 }
 
 fn steps(console: &str) -> BTreeMap<String, (i32, String)> {
@@ -490,6 +521,138 @@ fn enforced_signatures(release: &str) {
     assert!(log.contains("rejected this one") && log.contains("enroll the signing certificate"), "{log}");
     assert!(log.contains("Loading of module with unavailable key is rejected"), "the kernel's own words: {log}");
     assert!(step("modules").1.trim().is_empty(), "nothing left loaded: {}", step("modules").1);
+}
+
+/// The steps of the live switch: A loaded; a process holding /dev/nvidia0 blocks the switch to B
+/// and is named; once it is gone, B replaces A without a reboot; a B that cannot load (no
+/// firmware) is undone and the previous driver loaded again.
+const SWITCH_INIT: &str = r#"switch() { nvidia-installer install --bucket drivers --gardenlinux-version @GL@ --switch --driver-version "$@"; }
+version() { cat /sys/module/nvidia/version; }
+step a install 0.0.1
+sh -c 'exec 3</dev/nvidia0; exec sleep 600' &
+holder=$!
+sleep 1
+step held switch 0.0.2 --unload-wait 3s
+step held-version version
+kill $holder
+wait $holder
+step b switch 0.0.2
+step b-after state
+step b-version version
+step broken switch 0.0.3
+step broken-after state
+step broken-version version
+"#;
+
+/// Live switches on a real kernel: no reboot, the old driver unloaded only when nothing holds it,
+/// and a new driver that fails leaves the old one loaded and serving.
+fn live_switch(release: &str) {
+    let guest = Guest::new(release);
+    let work = tempfile::tempdir().expect("work");
+    let a = stand_in_bundle_with(&guest, work.path(), "0.0.1", None, true);
+    let b = stand_in_bundle_with(&guest, work.path(), "0.0.2", None, true);
+    let broken = stand_in_bundle_with(&guest, work.path(), "0.0.3", None, false);
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let steps = boot_with(&guest, work.path(), &[("0.0.1", &a), ("0.0.2", &b), ("0.0.3", &broken)], SWITCH_INIT, "");
+    let step = |name: &str| steps.get(name).unwrap_or_else(|| panic!("no step {name} in {steps:#?}"));
+    let (rc, log) = step("a");
+    assert_eq!(*rc, 0, "{log}");
+
+    // Held: nothing unloaded, the holder named, A still serving, a non-zero exit for the operator.
+    let (rc, log) = step("held");
+    assert_ne!(*rc, 0, "{log}");
+    assert!(log.contains("has /dev/nvidia0 open") && log.contains("(sleep)"), "the holder is named: {log}");
+    assert!(log.contains("driver 0.0.2 was not installed; driver 0.0.1 is loaded and serving"), "{log}");
+    assert!(!log.contains("unloaded module="), "nothing unloaded: {log}");
+    assert_eq!(step("held-version").1.trim(), "0.0.1");
+
+    // Released: A unloaded (users first), B loaded, no reboot.
+    let (rc, log) = step("b");
+    assert_eq!(*rc, 0, "{log}");
+    assert!(log.contains("unloading the old driver"), "{log}");
+    assert_eq!(loads(log), vec!["nvidia", "nvidia-uvm", "nvidia-modeset"], "{log}");
+    assert!(log.contains("NVIDIA-SMI stand-in: driver 0.0.2"), "{log}");
+    assert_eq!(step("b-version").1.trim(), "0.0.2");
+    let (_, after) = step("b-after");
+    assert!(section(after, "ready").join("\n").contains("\"driverVersion\": \"0.0.2\""), "{after}");
+
+    // Broken: B unloaded, the new nvidia.ko fails (its firmware is missing), B loaded again.
+    let (rc, log) = step("broken");
+    assert_ne!(*rc, 0, "{log}");
+    assert!(log.contains("firmware nvidia/0.0.3/gsp_test.bin not found"), "the kernel's own words: {log}");
+    assert!(
+        log.contains("driver 0.0.3 failed") && log.contains("driver 0.0.2 is loaded again from the cache"),
+        "{log}"
+    );
+    assert_eq!(step("broken-version").1.trim(), "0.0.2");
+    let (_, after) = step("broken-after");
+    let mut loaded = section(after, "/proc/modules");
+    loaded.sort_unstable();
+    assert_eq!(loaded, vec!["nvidia", "nvidia_modeset", "nvidia_uvm"], "{after}");
+    assert!(
+        section(after, "ready").join("\n").contains("\"driverVersion\": \"0.0.2\""),
+        "the node serves 0.0.2: {after}"
+    );
+}
+
+/// The first boot installs, then writes the driver root out (base64 of a tar, between markers).
+const FIRST_BOOT: &str = r#"step install install @STAND_IN@
+step boot-id cat /proc/sys/kernel/random/boot_id
+echo "@@NVT DISK BEGIN"; tar -cf - -C / opt/nvidia-installer | base64; echo "@@NVT DISK END"
+"#;
+
+/// The second boot, from the same disk: the earlier boot's ready marker does not count, and the
+/// install comes from the cache. The guest has no network: a request to the bucket would fail.
+const SECOND_BOOT: &str = r#"step boot-id cat /proc/sys/kernel/random/boot_id
+step stale-wait nvidia-installer wait --timeout 2s --driver-version @STAND_IN@
+step install install @STAND_IN@
+step wait nvidia-installer wait --timeout 5s --driver-version @STAND_IN@
+"#;
+
+/// A node that reboots comes back from its cache: no download, and only a marker of this boot
+/// lets pods start.
+fn reboot_from_cache(release: &str) {
+    let guest = Guest::new(release);
+    let work = tempfile::tempdir().expect("work");
+    let stand_in = stand_in_bundle(&guest, work.path());
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let (first, console) = boot_from(&guest, work.path(), &[(STAND_IN, &stand_in)], None, FIRST_BOOT, "");
+    assert_eq!(first["install"].0, 0, "{}", first["install"].1);
+    let encoded: String = console
+        .split("@@NVT DISK BEGIN")
+        .nth(1)
+        .and_then(|rest| rest.split("@@NVT DISK END").next())
+        .expect("the disk's contents")
+        .lines()
+        .map(str::trim)
+        .collect();
+    let disk = work.path().join("disk.tar");
+    let decoded = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &encoded).expect("base64");
+    std::fs::write(&disk, decoded).expect("disk");
+
+    let (second, _) = boot_from(&guest, work.path(), &[], Some(&disk), SECOND_BOOT, "");
+    assert_ne!(first["boot-id"].1.trim(), second["boot-id"].1.trim(), "a new boot");
+    let (rc, log) = &second["stale-wait"];
+    assert_eq!(*rc, 124, "the earlier boot's marker does not satisfy wait: {log}");
+    assert!(log.contains("from before the node restarted"), "{log}");
+    let (rc, log) = &second["install"];
+    assert_eq!(*rc, 0, "{log}");
+    assert!(log.contains("cache hit"), "{log}");
+    assert!(!log.contains("downloading"), "nothing downloaded: {log}");
+    assert_eq!(loads(log), vec!["nvidia", "nvidia-uvm", "nvidia-modeset"], "{log}");
+    assert_eq!(second["wait"].0, 0, "{}", second["wait"].1);
+}
+
+#[test]
+#[ignore = "slow: boots Debian's 6.1 kernel in QEMU twice (scripts/test-deps installs QEMU and the kernel; scripts/test builds the static installer)"]
+fn a_rebooted_node_installs_from_its_cache_on_a_real_debian_6_1_kernel() {
+    reboot_from_cache("6.1.0-47-amd64");
+}
+
+#[test]
+#[ignore = "slow: boots Debian's 6.1 kernel in QEMU (scripts/test-deps installs QEMU and the kernel; scripts/test builds the static installer)"]
+fn live_switch_on_a_real_debian_6_1_kernel() {
+    live_switch("6.1.0-47-amd64");
 }
 
 #[test]

@@ -153,3 +153,17 @@ async fn a_b_that_fails_to_load_leaves_a_loaded_again_and_the_node_usable() {
     assert!(kernel.calls().is_empty());
     assert!(states(&reports).is_empty());
 }
+
+/// A release rolled back while the node was being drained for B: A, still loaded, is what is
+/// wanted again, so the upgrade is over and the controller may uncordon the node.
+#[tokio::test]
+async fn a_rollback_to_the_loaded_driver_ends_the_upgrade() {
+    let (server, _work, host_dir, layout) = serving_a().await;
+    let kernel = SimKernel::new(host_dir.path());
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let request = request_for(&server, DRIVER, ordered(State::Draining, Duration::from_secs(5)));
+    let marker = install(&layout, &request, &kernel, &Reporter::Record(reports.clone())).await.expect("A");
+    assert_eq!(marker.driver_version, DRIVER);
+    assert_eq!(states(&reports), ["done"]);
+    assert!(!kernel.calls().iter().any(|c| matches!(c, Call::Unload(_))), "A stays loaded");
+}

@@ -158,7 +158,8 @@ async fn the_rendered_commands_run_as_the_binaries_expect() {
     let mut args = on_host(&strings(&install["args"]), &host);
     assert_eq!(args[0], "install");
     args[0] = "stage".to_owned();
-    args.retain(|a| !a.starts_with("--modules="));
+    // What only install takes: the modules, and how it meets another loaded driver.
+    args.retain(|a| !["--modules=", "--upgrade-mode=", "--unload-wait="].iter().any(|flag| a.starts_with(flag)));
     let env = environment(install, &secret);
     run(Command::new(&installer).args(&args).envs(env).env(&ca.0, &ca.1));
     let current = host.join("opt/nvidia-installer/current");
@@ -191,7 +192,15 @@ async fn the_rendered_commands_run_as_the_binaries_expect() {
     // The webhook, as rendered, with what its tls volume projects from that Secret: the listed
     // items only (the CA's key stays out).
     let webhook = container(&docs, "Deployment", "containers", "webhook");
-    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").expect("webhook deployment");
+    let deployment = docs
+        .iter()
+        .find(|d| {
+            d["kind"] == "Deployment"
+                && d["spec"]["template"]["spec"]["containers"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|c| c["name"] == "webhook"))
+        })
+        .expect("webhook deployment");
     let volume = deployment["spec"]["template"]["spec"]["volumes"]
         .as_array()
         .expect("volumes")
@@ -286,6 +295,25 @@ async fn the_rendered_commands_run_as_the_binaries_expect() {
     nvidia_installer::node::ready::write_marker(&layout, &marker).expect("marker");
     let output = wait.wait_with_output().expect("wait");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+
+    // The upgrade controller, as rendered, starts and keeps running against the API server (its
+    // flags parse; no node asks for an upgrade).
+    let controller = container(&docs, "Deployment", "containers", "upgrade-controller");
+    let controller_args: Vec<String> =
+        strings(&controller["args"]).into_iter().map(|a| a.replace("$(POD_NAMESPACE)", "kube-system")).collect();
+    let mut running = Command::new(&installer)
+        .args(&controller_args)
+        .env("KUBECONFIG", api.kubeconfig(work.path()))
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("upgrade-controller");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let still_running = running.try_wait().expect("try_wait").is_none();
+    let _ = running.kill();
+    let output = running.wait_with_output().expect("upgrade-controller");
+    assert!(still_running, "the rendered upgrade controller stopped: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("upgrade controller started"));
 
     // The status container, as rendered (one report instead of --watch), through exactly the host
     // paths it mounts: a view of the host root holding only those.

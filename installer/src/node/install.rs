@@ -78,8 +78,11 @@ pub async fn install(
     match &result {
         Ok(marker) => {
             ready::clear_last_error(layout);
-            if matches!(&request.upgrade, Upgrade::Controller { order: Some((state, Some(target))), .. }
-                if state.out_of_service() && *target == marker.driver_version)
+            // The wanted driver serves: whatever upgrade the node was in is over (the switch it
+            // ordered, a reboot that installed it directly, or a rollback to the loaded driver), and
+            // the controller uncordons what it cordoned.
+            if matches!(&request.upgrade, Upgrade::Controller { order: Some((state, _)), .. }
+                if state.out_of_service() || *state == State::UpgradeRequired)
             {
                 reporter.upgrade_state(State::Done, &marker.driver_version, None).await;
             }
