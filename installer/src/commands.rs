@@ -71,7 +71,7 @@ pub async fn install(args: &InstallArgs) -> Result<()> {
         let order = Some((crate::upgrade::State::Unloading, Some(request.stage.driver_version.clone())));
         request.upgrade = Upgrade::Controller { order, unload_wait: args.unload_wait };
     } else if args.upgrade_mode == UpgradeMode::Controller {
-        request.upgrade = Upgrade::Controller { order: reporter.upgrade_order().await, unload_wait: args.unload_wait };
+        request.upgrade = Upgrade::Controller { order: reporter.upgrade_order().await?, unload_wait: args.unload_wait };
     }
     let kernel = HostKernel { host_root: args.stage.host.host_root.clone() };
     let started = std::time::Instant::now();

@@ -167,3 +167,42 @@ async fn a_rollback_to_the_loaded_driver_ends_the_upgrade() {
     assert_eq!(states(&reports), ["done"]);
     assert!(!kernel.calls().iter().any(|c| matches!(c, Call::Unload(_))), "A stays loaded");
 }
+
+/// A second `helm upgrade` while the controller drains the node for B: the node keeps its state
+/// (and its place in the rollout) and moves the target, instead of asking again from the start.
+#[tokio::test]
+async fn a_new_target_mid_rollout_keeps_the_controllers_state() {
+    let (server, _work, host_dir, layout) = serving_a().await;
+    let kernel = SimKernel::new(host_dir.path());
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let order = Upgrade::Controller {
+        order: Some((State::Draining, Some("560.35.03".to_owned()))),
+        unload_wait: Duration::from_secs(1),
+    };
+    let marker = install(&layout, &request_for(&server, NEW, order), &kernel, &Reporter::Record(reports.clone()))
+        .await
+        .expect("A");
+    assert_eq!(marker.driver_version, DRIVER);
+    let recorded = reports.lock().expect("reports").clone();
+    let moved = recorded.iter().find(|r| r.reason.starts_with("upgrade:")).expect("a state");
+    assert_eq!((moved.reason.as_str(), moved.driver_version.as_str()), ("upgrade:draining", NEW));
+    assert!(kernel.calls().is_empty());
+}
+
+/// When neither the new driver nor the old one loads again, the node has no working driver: it is
+/// not marked `failed` (which would uncordon it) but keeps its state with the reason, and the run
+/// fails so that the kubelet runs it again.
+#[tokio::test]
+async fn no_working_driver_keeps_the_node_cordoned() {
+    let (server, _work, host_dir, layout) = serving_a().await;
+    let mut kernel = SimKernel::new(host_dir.path());
+    kernel.fail = Some(("nvidia-smi".to_owned(), 9));
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let request = request_for(&server, NEW, ordered(State::Unloading, Duration::from_secs(5)));
+    let error = install(&layout, &request, &kernel, &Reporter::Record(reports.clone())).await.expect_err("no driver");
+    assert!(error.to_string().contains("failed too"), "{error}");
+    let states = states(&reports);
+    assert!(!states.iter().any(|s| s == "failed" || s == "done"), "{states:?}");
+    assert_eq!(states.last().map(String::as_str), Some("unloading"), "{states:?}");
+    assert!(matches!(ready::check(&layout, None), Readiness::NotReady(_)));
+}

@@ -63,6 +63,7 @@ fn installer_pod(node: &str, generation: u32) -> Value {
         json!({"app": "nvidia-installer"}),
     );
     pod["metadata"]["creationTimestamp"] = json!(now_rfc3339());
+    pod["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "nvidia-installer", "uid": "ds-uid", "controller": true}]);
     pod
 }
 
@@ -75,7 +76,7 @@ fn cluster(api: &ApiServer) {
             json!({"apiVersion": "v1", "kind": "Node",
                    "metadata": {"name": name, "labels": {DRIVER_READY_LABEL: "true", DRIVER_VERSION_LABEL: OLD, UPGRADE_STATE_LABEL: "upgrade-required"},
                                 "annotations": {UPGRADE_TARGET_ANNOTATION: NEW}},
-                   "spec": {}}),
+                   "spec": {}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
         );
         api.insert(
             &pod_path("ml", &format!("train-{name}")),

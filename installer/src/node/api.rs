@@ -89,24 +89,19 @@ impl Reporter {
 }
 
 impl Reporter {
-    /// The node's upgrade state and target, as its Node says (`None`: no order, or no API).
-    pub async fn upgrade_order(&self) -> Option<(State, Option<String>)> {
-        let Self::Kube { client, node } = self else { return None };
+    /// The node's upgrade state and target, as its Node says (`None`: no order, or no API to ask).
+    /// An API that cannot be asked fails: acting without the order could undo the controller's.
+    pub async fn upgrade_order(&self) -> Result<Option<(State, Option<String>)>> {
+        let Self::Kube { client, node } = self else { return Ok(None) };
         let nodes: Api<Node> = Api::all(client.clone());
-        match nodes.get(node).await {
-            Ok(found) => {
-                let view = crate::upgrade::node_view(&found);
-                view.state.map(|state| (state, view.target))
-            }
-            Err(error) => {
-                warn!(%error, node, "could not read the node's upgrade state");
-                None
-            }
-        }
+        let found = with_retries("reading the node's upgrade state", node, || nodes.get(node)).await?;
+        let view = crate::upgrade::node_view(&found);
+        Ok(view.state.map(|state| (state, view.target)))
     }
 
-    /// Move the node's upgrade to `state` (towards `target`), with an Event.
-    pub async fn upgrade_state(&self, state: State, target: &str, reason: Option<&str>) {
+    /// Move the node's upgrade to `state` (towards `target`), with an Event. Fails when the Node
+    /// could not be updated (the Event is best effort).
+    pub async fn upgrade_state(&self, state: State, target: &str, reason: Option<&str>) -> Result<()> {
         match self {
             Self::Log => {
                 info!(%state, target, reason = reason.unwrap_or(""), "upgrade state (no --node-name: node not labelled)")
@@ -126,11 +121,7 @@ impl Reporter {
                 patch["metadata"]["annotations"][UPGRADE_TARGET_ANNOTATION] = json!(target);
                 let nodes: Api<Node> = Api::all(client.clone());
                 let (patch, params) = (Patch::Merge(patch), PatchParams::default());
-                if let Err(error) =
-                    with_retries("patching the upgrade state", node, || nodes.patch(node, &params, &patch)).await
-                {
-                    warn!(%error, "could not update the node's upgrade state");
-                }
+                with_retries("patching the upgrade state", node, || nodes.patch(node, &params, &patch)).await?;
                 let message = match reason {
                     Some(reason) => format!("driver upgrade to {target}: {state}: {reason}"),
                     None => format!("driver upgrade to {target}: {state}"),
@@ -152,6 +143,7 @@ impl Reporter {
                 }
             }
         }
+        Ok(())
     }
 }
 

@@ -59,7 +59,9 @@ pub async fn install(
         // The loaded driver keeps serving its pods; the node stays ready for it.
         warn!(%loaded, %wanted, %reason, "keeping the loaded driver");
         if let Some(state) = state {
-            reporter.upgrade_state(*state, wanted, Some(reason)).await;
+            // The controller acts on `failed` (it uncordons): the write must land, or this run
+            // fails and the kubelet runs it again.
+            reporter.upgrade_state(*state, wanted, Some(reason)).await?;
         }
         reporter
             .report(Report {
@@ -84,7 +86,8 @@ pub async fn install(
             if matches!(&request.upgrade, Upgrade::Controller { order: Some((state, _)), .. }
                 if state.out_of_service() || *state == State::UpgradeRequired)
             {
-                reporter.upgrade_state(State::Done, &marker.driver_version, None).await;
+                // Without `done` the node stays cordoned: fail, and the kubelet runs this again.
+                reporter.upgrade_state(State::Done, &marker.driver_version, None).await?;
             }
             reporter
                 .report(Report {
@@ -115,9 +118,16 @@ pub async fn install(
         }
         Err(error) => {
             let reason = error.to_string();
-            if matches!(&request.upgrade, Upgrade::Controller { order: Some((state, _)), .. } if state.out_of_service())
+            // No driver works on this node now: it stays cordoned (the state is kept, the reason
+            // recorded) while the kubelet runs install again, rather than `failed`, which would
+            // uncordon it.
+            if let Upgrade::Controller { order: Some((state, _)), .. } = &request.upgrade
+                && state.out_of_service()
             {
-                reporter.upgrade_state(State::Failed, &driver, Some(&reason)).await;
+                let kept = format!("{reason}; no driver is loaded, so the node stays cordoned until one is");
+                if let Err(e) = reporter.upgrade_state(*state, &driver, Some(&kept)).await {
+                    warn!(error = %e, "could not record the failure on the node");
+                }
             }
             if let Err(e) = ready::remove_marker(layout) {
                 warn!(error = %e, "could not remove the ready marker");
@@ -192,6 +202,14 @@ async fn install_locked(
                         wanted: wanted.clone(),
                         state: None,
                         reason: format!("the upgrade to {wanted} is under way ({state})"),
+                    }),
+                    // The controller holds the node for another target (a second `helm upgrade`
+                    // mid-rollout): same state, the new target.
+                    Some((state, _)) if state.out_of_service() => Err(Error::KeptLoaded {
+                        wanted: wanted.clone(),
+                        state: Some(*state),
+                        reason: format!("the upgrade under way ({state}) now goes to {wanted}"),
+                        loaded,
                     }),
                     _ => Err(Error::KeptLoaded {
                         wanted: wanted.clone(),
@@ -310,7 +328,7 @@ async fn switch(
         tokio::time::sleep(UNLOAD_POLL.min(unload_wait)).await;
     }
     info!(%loaded, %wanted, "unloading the old driver");
-    reporter.upgrade_state(State::Installing, wanted, None).await;
+    reporter.upgrade_state(State::Installing, wanted, None).await?;
     ready::remove_marker(layout)?;
     let mut previous = request.clone();
     previous.stage.driver_version = loaded.to_owned();
@@ -330,7 +348,9 @@ async fn switch(
     }
     let attempt = match stage::stage_locked(layout, &request.stage).await {
         Ok(staged) => {
-            reporter.upgrade_state(State::Validating, wanted, None).await;
+            if let Err(error) = reporter.upgrade_state(State::Validating, wanted, None).await {
+                warn!(%error, "could not record the upgrade state; going on");
+            }
             load_staged(layout, request, kernel, &staged)
         }
         Err(error) => Err(error),

@@ -94,12 +94,9 @@ impl Controller {
                 .list(&ListParams::default().fields(&format!("spec.nodeName={}", node.name)))
                 .await
                 .map_err(|e| api_error("listing the pods on", &node.name, e))?;
-            pods.extend(
-                on_node
-                    .items
-                    .iter()
-                    .filter_map(|p| pod_view(p, &self.config.gpu_resources, &self.config.installer_labels)),
-            );
+            pods.extend(on_node.items.iter().filter_map(|p| {
+                pod_view(p, &self.config.gpu_resources, &self.config.namespace, &self.config.installer_labels)
+            }));
         }
         let actions = plan::plan(&views, &pods, &self.config.policy, SystemTime::now());
         for action in actions {
@@ -167,8 +164,15 @@ impl Controller {
             }
             Action::Delete { namespace, pod, node } | Action::RestartInstaller { namespace, pod, node } => {
                 let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-                info!(node, pod = %format!("{namespace}/{pod}"), restart_installer = matches!(action, Action::RestartInstaller { .. }), "deleting");
-                match pods.delete(pod, &DeleteParams::default()).await {
+                let forced = matches!(action, Action::Delete { .. });
+                info!(node, pod = %format!("{namespace}/{pod}"), forced, "deleting");
+                // force-after: no grace period, so a pod stuck terminating goes too.
+                let params = if forced {
+                    DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() }
+                } else {
+                    DeleteParams::default()
+                };
+                match pods.delete(pod, &params).await {
                     Ok(_) => Ok(()),
                     Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
                     Err(e) => Err(api_error("deleting a pod on", node, e)),

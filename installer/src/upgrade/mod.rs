@@ -157,17 +157,27 @@ pub fn node_view(node: &Node) -> NodeView {
         unschedulable: node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false),
         cordoned_by_us: annotation(UPGRADE_CORDONED_ANNOTATION).as_deref() == Some("true"),
         since: annotation(UPGRADE_SINCE_ANNOTATION).as_deref().and_then(time_of),
+        ready: node
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+            .is_some_and(|c| c.status == "True"),
     }
 }
 
-/// The controller's view of a Pod; `installer` when it matches the installer pods' labels.
-pub fn pod_view(pod: &Pod, patterns: &[String], installer: &[(String, String)]) -> Option<PodView> {
+/// The controller's view of a Pod; `installer` when it is in the installer's namespace, matches
+/// the installer pods' labels and is owned by a DaemonSet (a pod author cannot pass for one).
+pub fn pod_view(pod: &Pod, patterns: &[String], namespace: &str, installer: &[(String, String)]) -> Option<PodView> {
     let status = pod.status.as_ref().and_then(|s| s.phase.as_deref());
     if matches!(status, Some("Succeeded" | "Failed")) {
         return None;
     }
     let labels = pod.metadata.labels.as_ref();
+    let daemon = pod.metadata.owner_references.iter().flatten().any(|o| o.kind == "DaemonSet");
     let is_installer = !installer.is_empty()
+        && daemon
+        && pod.metadata.namespace.as_deref() == Some(namespace)
         && installer.iter().all(|(k, v)| labels.and_then(|l| l.get(k)).is_some_and(|have| have == v));
     Some(PodView {
         namespace: pod.metadata.namespace.clone().unwrap_or_default(),
@@ -176,6 +186,7 @@ pub fn pod_view(pod: &Pod, patterns: &[String], installer: &[(String, String)]) 
         gpu: !is_installer && holds_driver(pod, patterns),
         installer: is_installer,
         terminating: pod.metadata.deletion_timestamp.is_some(),
+        daemon,
         created: pod.metadata.creation_timestamp.as_ref().and_then(|t| time_of(&t.0.to_string())),
     })
 }

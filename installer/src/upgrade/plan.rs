@@ -17,6 +17,9 @@ pub struct NodeView {
     pub cordoned_by_us: bool,
     /// When the state last changed.
     pub since: Option<SystemTime>,
+    /// The kubelet reports the node Ready: only such nodes are started (a NotReady node's
+    /// installer pod would never come back to perform the switch).
+    pub ready: bool,
 }
 
 /// A pod on a node in the rollout.
@@ -31,6 +34,9 @@ pub struct PodView {
     pub installer: bool,
     /// Being deleted already.
     pub terminating: bool,
+    /// Owned by a DaemonSet: evicted, it comes straight back (DaemonSet pods tolerate the cordon),
+    /// so it is not waited for; if it holds the driver, the switch names it.
+    pub daemon: bool,
     pub created: Option<SystemTime>,
 }
 
@@ -84,9 +90,16 @@ pub struct Policy {
     pub on_drain_timeout: DrainPolicy,
 }
 
-/// The nodes out of service for the upgrade now.
+/// The nodes out of service for the upgrade now: in a state between `cordoned` and `validating`,
+/// or cordoned by the controller and not finished (a node whose state was written over).
 pub fn unavailable(nodes: &[NodeView]) -> usize {
-    nodes.iter().filter(|n| n.state.is_some_and(State::out_of_service)).count()
+    nodes
+        .iter()
+        .filter(|n| {
+            n.state.is_some_and(State::out_of_service)
+                || (n.cordoned_by_us && !matches!(n.state, Some(State::Done | State::Failed)))
+        })
+        .count()
 }
 
 /// The actions of one round.
@@ -101,6 +114,11 @@ pub fn plan(nodes: &[NodeView], pods: &[PodView], policy: &Policy, now: SystemTi
         match node.state {
             Some(State::Done | State::Failed) if node.cordoned_by_us => {
                 actions.push(Action::Uncordon { node: node.name.clone() });
+            }
+            // Cordoned by the controller, its state written over (an installer pod restarted by a
+            // second `helm upgrade` asks again): carry on from the cordon.
+            Some(State::UpgradeRequired) if node.cordoned_by_us => {
+                actions.push(Action::SetState { node: node.name.clone(), state: State::Cordoned, reason: None })
             }
             Some(State::Cordoned) => {
                 actions.push(Action::SetState { node: node.name.clone(), state: State::Draining, reason: None })
@@ -123,9 +141,12 @@ pub fn plan(nodes: &[NodeView], pods: &[PodView], policy: &Policy, now: SystemTi
             _ => {}
         }
     }
-    for node in sorted.iter().filter(|n| n.state == Some(State::UpgradeRequired)) {
+    for node in sorted.iter().filter(|n| n.state == Some(State::UpgradeRequired) && !n.cordoned_by_us) {
         if out >= budget {
             break;
+        }
+        if !node.ready {
+            continue;
         }
         out += 1;
         if !node.unschedulable {
@@ -148,7 +169,7 @@ pub fn plan(nodes: &[NodeView], pods: &[PodView], policy: &Policy, now: SystemTi
 
 /// A draining node: evict its GPU pods; once none is left, order the switch.
 fn drain(node: &NodeView, pods: Vec<&PodView>, policy: &Policy, now: SystemTime, actions: &mut Vec<Action>) {
-    let holding: Vec<&PodView> = pods.iter().copied().filter(|p| p.gpu && !p.installer).collect();
+    let holding: Vec<&PodView> = pods.iter().copied().filter(|p| p.gpu && !p.installer && !p.daemon).collect();
     if holding.is_empty() {
         actions.push(Action::SetState { node: node.name.clone(), state: State::Unloading, reason: None });
         for pod in pods.iter().filter(|p| p.installer && !p.terminating) {
@@ -190,7 +211,8 @@ fn drain(node: &NodeView, pods: Vec<&PodView>, policy: &Policy, now: SystemTime,
             });
         }
         DrainPolicy::ForceAfter => {
-            for pod in holding.iter().filter(|p| !p.terminating) {
+            // Terminating ones too: the forced delete has no grace period.
+            for pod in &holding {
                 actions.push(Action::Delete {
                     namespace: pod.namespace.clone(),
                     pod: pod.name.clone(),
@@ -233,6 +255,7 @@ mod tests {
             unschedulable: state.is_some_and(State::out_of_service),
             cordoned_by_us: state.is_some_and(State::out_of_service),
             since: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1000)),
+            ready: true,
         }
     }
 
@@ -244,6 +267,7 @@ mod tests {
             gpu,
             installer,
             terminating: false,
+            daemon: false,
             created: Some(SystemTime::UNIX_EPOCH),
         }
     }
@@ -336,5 +360,39 @@ mod tests {
             vec![Action::RestartInstaller { namespace: "ml".into(), pod: "inst-old".into(), node: "a".into() }]
         );
         assert!(plan(&nodes, &[new], &policy(MaxUnavailable::Count(1), DrainPolicy::Wait), at(2001)).is_empty());
+    }
+
+    #[test]
+    fn not_ready_nodes_are_not_started_and_daemon_pods_are_not_waited_for() {
+        let mut down = node("a", Some(State::UpgradeRequired));
+        down.ready = false;
+        let nodes = vec![down, node("b", Some(State::UpgradeRequired))];
+        let actions = plan(&nodes, &[], &policy(MaxUnavailable::Count(1), DrainPolicy::Wait), at(1001));
+        assert!(actions.contains(&Action::Cordon { node: "b".into() }), "{actions:?}");
+        assert!(!actions.contains(&Action::Cordon { node: "a".into() }));
+
+        let nodes = vec![node("c", Some(State::Draining))];
+        let mut daemon = pod("exporter", "c", true, false);
+        daemon.daemon = true;
+        let actions = plan(&nodes, &[daemon], &policy(MaxUnavailable::Count(1), DrainPolicy::Wait), at(1001));
+        assert_eq!(actions[0], Action::SetState { node: "c".into(), state: State::Unloading, reason: None });
+    }
+
+    #[test]
+    fn a_node_the_controller_cordoned_counts_as_out_whatever_its_label_says() {
+        let mut overwritten = node("a", Some(State::UpgradeRequired));
+        overwritten.cordoned_by_us = true;
+        let nodes = vec![overwritten, node("b", Some(State::UpgradeRequired))];
+        let actions = plan(&nodes, &[], &policy(MaxUnavailable::Count(1), DrainPolicy::Wait), at(1001));
+        assert_eq!(actions, vec![Action::SetState { node: "a".into(), state: State::Cordoned, reason: None }]);
+    }
+
+    #[test]
+    fn force_after_deletes_terminating_pods_too() {
+        let nodes = vec![node("a", Some(State::Draining))];
+        let mut stuck = pod("train", "a", true, false);
+        stuck.terminating = true;
+        let actions = plan(&nodes, &[stuck], &policy(MaxUnavailable::Count(1), DrainPolicy::ForceAfter), at(1061));
+        assert!(actions.contains(&Action::Delete { namespace: "ml".into(), pod: "train".into(), node: "a".into() }));
     }
 }
