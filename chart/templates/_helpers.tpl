@@ -85,6 +85,18 @@ publish to.
 {{- end }}
 
 {{/*
+"true" where the installer's node guard (installer-node-guard.yaml) renders, else empty: the
+installer instance with nvidiaInstaller.nodeGuard.enabled, on Kubernetes 1.30 or later. 1.30 made
+ValidatingAdmissionPolicy GA (admissionregistration.k8s.io/v1) and turned on, by default, the node
+name in the ServiceAccount tokens of pods that the guard checks; older clusters have neither. The
+Kubernetes version decides rather than .Capabilities.APIVersions: rendered offline (`helm template`
+without --api-versions) Helm lists API groups but no kinds, and the guard would be left out unseen.
+*/}}
+{{- define "nvidia-installer.nodeGuard" -}}
+{{- if and .Values.nvidiaInstaller.nodeGuard.enabled (eq (include "nvidia-installer.mode" .) "installer") (semverCompare ">=1.30.0-0" .Capabilities.KubeVersion.Version) }}true{{ end }}
+{{- end }}
+
+{{/*
 Images.
 */}}
 {{- define "nvidia-installer.imageRef" -}}

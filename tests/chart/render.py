@@ -14,12 +14,14 @@ Helm's message on stderr when the values are rejected or a template fails.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any, Iterable
 
 import helm_python as helm
 import yaml
+from helm_python import _native
 
 CHART_DIR = Path(__file__).resolve().parents[2] / "chart"
 RELEASE = "nvidia-installer"
@@ -60,13 +62,26 @@ def render_templates(
     release: str = RELEASE,
     namespace: str = NAMESPACE,
     chart_dir: str | Path = CHART_DIR,
+    kube_version: str | None = None,
+    api_versions: Iterable[str] = (),
 ) -> dict[str, str]:
     """Rendered text per template path, NOTES.txt included. The values are checked against
-    values.schema.json first, as `helm install` does.
+    values.schema.json first, as `helm install` does. kube_version ("v1.29.0") and api_versions
+    ("group/version/Kind") are what .Capabilities then says, as helm template's --kube-version and
+    --api-versions set it; by default Helm's own (its newest Kubernetes, API groups without kinds).
 
     Raises helm_python.HelmValuesError or helm_python.HelmRenderError."""
     with helm.Chart.load(chart_dir) as chart:
-        return chart.render(values or {}, name=release, namespace=namespace, is_install=True)
+        if kube_version is None and not api_versions:
+            return chart.render(values or {}, name=release, namespace=namespace, is_install=True)
+        # Chart.render does not pass these two of the C SDK's render options on.
+        options: dict[str, Any] = {"name": release, "namespace": namespace, "is_install": True,
+                                   "api_versions": list(api_versions)}
+        if kube_version is not None:
+            options["kube_version"] = kube_version
+        rendered = _native.call_string("helm_render", chart._raw(), json.dumps(values or {}), json.dumps(options))
+        templates: dict[str, str] = json.loads(rendered)
+        return templates
 
 
 def objects(templates: dict[str, str]) -> list[dict[str, Any]]:
