@@ -267,10 +267,10 @@ fn bundle_dir(root: &Path, total: usize) -> std::path::PathBuf {
         let mut file = std::io::BufWriter::new(std::fs::File::create(dir.join(path)).expect("file"));
         if path.ends_with(".ko") {
             let name = Path::new(path).file_stem().and_then(|s| s.to_str()).unwrap_or("m").replace('-', "_");
-            file.write_all(
-                format!("\0name={name}\0vermagic={KERNEL} SMP preempt mod_unload modversions \0").as_bytes(),
-            )
-            .expect("modinfo");
+            // An ELF object with its modinfo; the filler below follows it, as a module's code would.
+            let vermagic = format!("{KERNEL} SMP preempt mod_unload modversions ");
+            file.write_all(&integration_tests::fixtures::elf_module(&[("name", &name), ("vermagic", &vermagic)]))
+                .expect("modinfo");
         }
         let mut left = total * share / 100;
         let mut block = vec![0u8; 1 << 20];

@@ -42,7 +42,8 @@ fn userspace(root: &Path) -> PathBuf {
     dir
 }
 
-const MAKE_MODULES: &str = "for m in nvidia nvidia-uvm nvidia-modeset; do printf 'fake\\0vermagic=6.1.0-47-amd64 SMP preempt mod_unload modversions \\0name=%s\\0' $$m > $$m.ko; done";
+/// A make that builds ELF objects whose `.modinfo` sections say what a kernel module's would.
+const MAKE_MODULES: &str = "for m in nvidia nvidia-uvm nvidia-modeset; do printf 'vermagic=6.1.0-47-amd64 SMP preempt mod_unload modversions \\0name=%s\\0' $$m > $$m.info && objcopy -I binary -O elf64-x86-64 --rename-section .data=.modinfo $$m.info $$m.ko; done";
 
 fn modulus(cmd: &Path, out: &Path, source: &Path, headers: &Path, extra: &[&str]) -> Command {
     let mut command = bin();

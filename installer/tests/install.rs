@@ -323,7 +323,7 @@ async fn allow_compilation_builds_here_when_the_bucket_has_no_bundle() {
     std::fs::write(src.join("conftest.sh"), "#!/bin/sh\n").expect("conftest");
     std::fs::write(
         src.join("Makefile"),
-        format!("modules:\n\tfor m in nvidia nvidia-uvm nvidia-modeset; do printf 'x\\0vermagic={KERNEL} SMP \\0name=%s\\0' $$m > $$m.ko; done\n"),
+        format!("modules:\n\tfor m in nvidia nvidia-uvm nvidia-modeset; do printf 'vermagic={KERNEL} SMP \\0name=%s\\0' $$m > $$m.info && objcopy -I binary -O elf64-x86-64 --rename-section .data=.modinfo $$m.info $$m.ko; done\n"),
     )
     .expect("makefile");
     let headers = dir.path().join("headers");

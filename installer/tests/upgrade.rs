@@ -203,6 +203,6 @@ async fn no_working_driver_keeps_the_node_cordoned() {
     assert!(error.to_string().contains("failed too"), "{error}");
     let states = states(&reports);
     assert!(!states.iter().any(|s| s == "failed" || s == "done"), "{states:?}");
-    assert_eq!(states.last().map(String::as_str), Some("unloading"), "{states:?}");
+    assert_eq!(states.last().map(String::as_str), Some("installing"), "{states:?}");
     assert!(matches!(ready::check(&layout, None), Readiness::NotReady(_)));
 }

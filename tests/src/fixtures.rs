@@ -46,11 +46,15 @@ pub fn sample_driver(dir: &Path, kernel: &str, driver: &str, lib_bytes: usize) -
         std::os::unix::fs::symlink(format!("{lib}.so.{driver}"), dir.join(format!("lib/{lib}.so.1")))?;
     }
     for (name, depends) in [("nvidia", ""), ("nvidia-uvm", "nvidia"), ("nvidia-modeset", "nvidia")] {
-        let modinfo = format!(
-            "\x7fELF\0license=Dual MIT/GPL\0version={driver}\0depends={depends}\0name={}\0vermagic={kernel} SMP preempt mod_unload modversions \0",
-            name.replace('-', "_")
-        );
-        std::fs::write(dir.join(format!("modules/{name}.ko")), modinfo)?;
+        let vermagic = format!("{kernel} SMP preempt mod_unload modversions ");
+        let module = elf_module(&[
+            ("license", "Dual MIT/GPL"),
+            ("version", driver),
+            ("depends", depends),
+            ("name", &name.replace('-', "_")),
+            ("vermagic", &vermagic),
+        ]);
+        std::fs::write(dir.join(format!("modules/{name}.ko")), module)?;
     }
     Ok(())
 }
@@ -100,4 +104,16 @@ pub async fn publish_sample(
         .await
         .expect("publish");
     options
+}
+
+/// A kernel module as the installer reads one: an ELF relocatable object (x86-64) whose
+/// `.modinfo` section holds `fields` as the kernel's build writes them (`key=value`, NUL after each).
+pub fn elf_module(fields: &[(&str, &str)]) -> Vec<u8> {
+    use object::write::Object;
+    use object::{Architecture, BinaryFormat, Endianness, SectionKind};
+    let mut module = Object::new(BinaryFormat::Elf, Architecture::X86_64, Endianness::Little);
+    let info: Vec<u8> = fields.iter().flat_map(|(key, value)| format!("{key}={value}\0").into_bytes()).collect();
+    let section = module.add_section(Vec::new(), b".modinfo".to_vec(), SectionKind::ReadOnlyString);
+    module.append_section_data(section, &info, 1);
+    module.write().expect("an ELF object")
 }

@@ -95,8 +95,9 @@ fn fake_driver(dir: &Path) {
     std::fs::write(dir.join(format!("lib/libnvidia-ml.so.{DRIVER}")), vec![7u8; 4096]).expect("lib");
     std::os::unix::fs::symlink(format!("libnvidia-ml.so.{DRIVER}"), dir.join("lib/libnvidia-ml.so.1")).expect("link");
     for name in ["nvidia", "nvidia-uvm", "nvidia-modeset"] {
-        let info = format!("\0name={name}\0vermagic={KERNEL} SMP preempt mod_unload modversions \0");
-        std::fs::write(dir.join(format!("modules/{name}.ko")), info).expect("module");
+        let vermagic = format!("{KERNEL} SMP preempt mod_unload modversions ");
+        let module = integration_tests::fixtures::elf_module(&[("name", name), ("vermagic", &vermagic)]);
+        std::fs::write(dir.join(format!("modules/{name}.ko")), module).expect("module");
     }
 }
 

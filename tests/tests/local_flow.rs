@@ -48,11 +48,11 @@ fn a_failing_step_stops_the_flow_with_its_error() {
         std::fs::create_dir_all(dir.path().join(sub)).expect("dir");
     }
     std::fs::write(dir.path().join("bin/nvidia-smi"), "#!/bin/sh\n").expect("smi");
-    std::fs::write(
-        dir.path().join("modules/nvidia.ko"),
-        "\x7fELF\0name=nvidia\0vermagic=6.1.0-47-amd64 SMP preempt mod_unload modversions \0",
-    )
-    .expect("module");
+    let module = integration_tests::fixtures::elf_module(&[
+        ("name", "nvidia"),
+        ("vermagic", "6.1.0-47-amd64 SMP preempt mod_unload modversions "),
+    ]);
+    std::fs::write(dir.path().join("modules/nvidia.ko"), module).expect("module");
     let output = Command::new(env!("CARGO_BIN_EXE_local-flow"))
         .arg("--bin-dir")
         .arg(bin_dir())

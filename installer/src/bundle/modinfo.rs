@@ -3,6 +3,9 @@
 
 use std::path::Path;
 
+use object::read::ReadCache;
+use object::{Object, ObjectSection};
+
 use crate::{Error, Result};
 
 /// Fields of a module's `.modinfo` section.
@@ -13,36 +16,37 @@ pub struct ModInfo {
     pub name: Option<String>,
 }
 
-/// Read `vermagic`, `depends` and `name` from a `.ko` file's modinfo strings.
+/// The largest `.modinfo` section read (the real ones are a few kilobytes).
+const MAX_MODINFO_BYTES: u64 = 1 << 20;
+
+/// Read `vermagic`, `depends` and `name` from a `.ko` file's `.modinfo` section: the ELF headers
+/// and that section only, not the whole file (an `nvidia.ko` is tens of megabytes).
 pub fn modinfo(path: &Path) -> Result<ModInfo> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io("reading", path, e))?;
-    let field = |key: &str| -> Option<String> {
-        let needle = format!("{key}=");
-        let needle = needle.as_bytes();
-        let mut from = 0;
-        while let Some(at) = find(&bytes[from..], needle).map(|i| i + from) {
-            if at == 0 || bytes[at - 1] == 0 {
-                let start = at + needle.len();
-                let end = bytes[start..].iter().position(|&b| b == 0).map_or(bytes.len(), |i| start + i);
-                return Some(String::from_utf8_lossy(&bytes[start..end]).into_owned());
-            }
-            from = at + 1;
-        }
-        None
-    };
-    let vermagic = field("vermagic").ok_or_else(|| Error::Module {
+    let refused = |reason: String| Error::Module {
         module: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         path: path.to_owned(),
-        reason: "no vermagic: not a kernel module".to_owned(),
-    })?;
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|e| Error::io("reading", path, e))?;
+    let cache = ReadCache::new(file);
+    let elf = object::File::parse(&cache).map_err(|e| refused(format!("not an ELF kernel module: {e}")))?;
+    let section = elf
+        .section_by_name(".modinfo")
+        .ok_or_else(|| refused("no .modinfo section: not a kernel module".to_owned()))?;
+    if section.size() > MAX_MODINFO_BYTES {
+        return Err(refused(format!("a .modinfo section of {} bytes", section.size())));
+    }
+    let data = section.data().map_err(|e| refused(format!("reading its .modinfo section: {e}")))?;
+    let field = |key: &str| -> Option<String> {
+        data.split(|&b| b == 0)
+            .find_map(|entry| entry.strip_prefix(key.as_bytes())?.strip_prefix(b"="))
+            .map(|value| String::from_utf8_lossy(value).into_owned())
+    };
+    let vermagic = field("vermagic").ok_or_else(|| refused("no vermagic: not a kernel module".to_owned()))?;
     let depends = field("depends")
         .map(|d| d.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
         .unwrap_or_default();
     Ok(ModInfo { vermagic, depends, name: field("name") })
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    memchr::memmem::find(haystack, needle)
 }
 
 /// Whether a module file carries an appended signature (`~Module signature appended~` at its end).

@@ -118,14 +118,15 @@ pub async fn install(
         }
         Err(error) => {
             let reason = error.to_string();
-            // No driver works on this node now: it stays cordoned (the state is kept, the reason
+            // No driver works on this node now: it stays cordoned (`installing`, the reason
             // recorded) while the kubelet runs install again, rather than `failed`, which would
             // uncordon it.
             if let Upgrade::Controller { order: Some((state, _)), .. } = &request.upgrade
                 && state.out_of_service()
             {
+                // `installing`: a state the node side writes (the node guard lets it write no other).
                 let kept = format!("{reason}; no driver is loaded, so the node stays cordoned until one is");
-                if let Err(e) = reporter.upgrade_state(*state, &driver, Some(&kept)).await {
+                if let Err(e) = reporter.upgrade_state(State::Installing, &driver, Some(&kept)).await {
                     warn!(error = %e, "could not record the failure on the node");
                 }
             }

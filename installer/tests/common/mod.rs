@@ -20,11 +20,15 @@ pub const DRIVER: &str = "535.261.03";
 pub const GARDENLINUX: &str = "1877.3";
 pub const BUCKET: &str = "drivers";
 
-/// A fake kernel module: just the modinfo strings the installer reads.
+/// A stand-in kernel module: an ELF object with the modinfo strings the installer reads.
 pub fn module_bytes(name: &str, kernel: &str, depends: &str) -> Vec<u8> {
-    let mut bytes = b"\x7fELF fake module\0".to_vec();
-    bytes.extend_from_slice(format!("license=Dual MIT/GPL\0depends={depends}\0name={name}\0vermagic={kernel} SMP preempt mod_unload modversions \0").as_bytes());
-    bytes
+    let vermagic = format!("{kernel} SMP preempt mod_unload modversions ");
+    integration_tests::fixtures::elf_module(&[
+        ("license", "Dual MIT/GPL"),
+        ("depends", depends),
+        ("name", name),
+        ("vermagic", &vermagic),
+    ])
 }
 
 /// A driver directory with bin/, lib/ (with soname links) and modules/, plus `filler` bytes of
