@@ -173,13 +173,17 @@ class Published:
 
 
 def stand_in_modules(modules: Path) -> None:
-    """The three modules as tests/src/fixtures.rs makes them: the modinfo strings install checks and
-    plans from (vermagic, depends), no driver code."""
+    """The three modules as tests/src/fixtures.rs makes them: ELF objects whose .modinfo sections
+    hold the strings install checks and plans from (vermagic, depends), no driver code."""
     modules.mkdir(parents=True)
     for name, depends in [("nvidia", ""), ("nvidia-uvm", "nvidia"), ("nvidia-modeset", "nvidia")]:
-        modinfo = (f"\x7fELF\0license=Dual MIT/GPL\0version={DRIVER_VERSION}\0depends={depends}\0"
+        modinfo = (f"license=Dual MIT/GPL\0version={DRIVER_VERSION}\0depends={depends}\0"
                    f"name={name.replace('-', '_')}\0vermagic={KERNEL_RELEASE} SMP preempt mod_unload modversions \0")
-        (modules / f"{name}.ko").write_bytes(modinfo.encode())
+        info = modules / f"{name}.modinfo"
+        info.write_bytes(modinfo.encode())
+        subprocess.run(["objcopy", "-I", "binary", "-O", "elf64-x86-64", "--rename-section", ".data=.modinfo",
+                        str(info), str(modules / f"{name}.ko")], check=True)
+        info.unlink()
 
 
 # --- the node -----------------------------------------------------------------------------------------
