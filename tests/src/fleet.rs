@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 
 use nvidia_contract::layout::Layout;
 use nvidia_installer::bundle::archive::Limits;
-use nvidia_installer::bundle::pack::{self, BundleInfo};
+use nvidia_installer::bundle::pack::BundleInfo;
 use nvidia_installer::node::stage::{self, StageRequest};
 use nvidia_installer::s3::{ThrottleStats, Transfer};
 
-use crate::fixtures::{host_root, s3_options, sample_driver};
+use crate::fixtures::{host_root, publish_sample, s3_options};
 use crate::s3::S3Server;
 
 pub const KERNEL: &str = "6.1.0-47-amd64";
@@ -49,15 +49,8 @@ pub async fn publish(server: &S3Server, bucket: &str, work: &Path, lib_bytes: us
         flavor: "open".to_owned(),
         gardenlinux_version: Some(GARDENLINUX.to_owned()),
     };
-    let dir = work.join("driver");
-    sample_driver(&dir, KERNEL, DRIVER, lib_bytes).expect("sample driver");
-    let manifest = pack::describe(&dir, &info).expect("describe");
+    publish_sample(server, bucket, work, &info, lib_bytes).await;
     let bundle = work.join("bundle.tar.zst");
-    pack::pack(&dir, &manifest, &bundle, 3).expect("pack");
-    let client = nvidia_installer::s3::Bucket::connect(&s3_options(server, bucket)).await.expect("client");
-    nvidia_installer::compiler::publish::publish(&client, &bundle, GARDENLINUX, false, None, &Transfer::default())
-        .await
-        .expect("publish");
     std::fs::metadata(&bundle).expect("bundle").len()
 }
 

@@ -354,58 +354,28 @@ mod tests {
         assert!(text.contains("nvidia_installer_last_install_duration_seconds 1.5\n"), "{text}");
         assert!(text.contains("# TYPE nvidia_installer_s3_retries_total counter\n"), "{text}");
     }
-}
 
-#[cfg(test)]
-mod doc_tests {
-    use std::collections::BTreeSet;
-
-    use super::*;
-
-    fn documented() -> BTreeSet<String> {
+    /// docs/operations.md lists exactly the metrics `render` exposes.
+    #[test]
+    fn the_documented_node_metrics_are_the_exposed_ones() {
         let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md"))
             .expect("docs/operations.md");
         let section = doc.split("### The node").nth(1).expect("the section").split("\n#").next().unwrap_or_default();
-        section
+        let documented: std::collections::BTreeSet<String> = section
             .lines()
             .filter_map(|line| line.strip_prefix("| `nvidia_installer_"))
             .map(|rest| format!("nvidia_installer_{}", rest.split(['`', '{']).next().unwrap_or_default()))
-            .collect()
-    }
-
-    #[test]
-    fn the_documented_node_metrics_are_the_exposed_ones() {
-        let mut status = tests_status();
-        status.last_error =
+            .collect();
+        let mut state = status(true);
+        state.last_error =
             Some(crate::node::ready::LastError { reason: "r".into(), driver_version: "1".into(), at: String::new() });
-        let text = render(&status, Some(&RunRecord::default()));
-        let exposed: BTreeSet<String> = text
+        let text = render(&state, Some(&RunRecord::default()));
+        let exposed: std::collections::BTreeSet<String> = text
             .lines()
             .filter(|l| !l.starts_with('#') && !l.is_empty())
             .filter_map(|l| l.split(['{', ' ']).next())
             .map(str::to_owned)
             .collect();
-        assert_eq!(documented(), exposed);
-    }
-
-    fn tests_status() -> Status {
-        Status {
-            driver_root: "/opt/nvidia-installer".into(),
-            ready: true,
-            reason: None,
-            marker: Some(crate::node::ready::ReadyMarker {
-                driver_version: "1".into(),
-                kernel_release: "k".into(),
-                sha256: String::new(),
-                ready_at: String::new(),
-                boot_id: None,
-                bundle: String::new(),
-                signed_by: None,
-            }),
-            current: None,
-            staged: Vec::new(),
-            loaded_module_version: Some("1".into()),
-            last_error: None,
-        }
+        assert_eq!(documented, exposed);
     }
 }

@@ -183,7 +183,7 @@ fn drain(node: &NodeView, pods: Vec<&PodView>, policy: &Policy, now: SystemTime,
     }
     let waited = node.since.and_then(|since| now.duration_since(since).ok()).unwrap_or_default();
     let names = holding.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect::<Vec<_>>().join(", ");
-    if waited < policy.drain_timeout {
+    let evict = |actions: &mut Vec<Action>| {
         for pod in holding.iter().filter(|p| !p.terminating) {
             actions.push(Action::Evict {
                 namespace: pod.namespace.clone(),
@@ -191,18 +191,15 @@ fn drain(node: &NodeView, pods: Vec<&PodView>, policy: &Policy, now: SystemTime,
                 node: node.name.clone(),
             });
         }
+    };
+    if waited < policy.drain_timeout {
+        evict(actions);
         return;
     }
     let waited_text = humantime::format_duration(Duration::from_secs(waited.as_secs()));
     match policy.on_drain_timeout {
         DrainPolicy::Wait => {
-            for pod in holding.iter().filter(|p| !p.terminating) {
-                actions.push(Action::Evict {
-                    namespace: pod.namespace.clone(),
-                    pod: pod.name.clone(),
-                    node: node.name.clone(),
-                });
-            }
+            evict(actions);
             actions.push(Action::Event {
                 node: node.name.clone(),
                 reason: "DrainBlocked".to_owned(),
