@@ -71,6 +71,11 @@ pub struct UpgradeControllerArgs {
     /// Then: keep waiting (wait), delete them (force-after), or give the node up (skip-node).
     #[arg(long, env = "NVIDIA_UPGRADE_DRAIN_POLICY", value_enum, default_value = "wait")]
     pub on_drain_timeout: crate::upgrade::DrainPolicy,
+    /// How long a node may stay in `unloading`, `installing` or `validating` before a warning Event;
+    /// a node in `unloading` that cannot be switched by then (NotReady, no installer pod) is marked
+    /// `failed` and uncordoned with the driver it has.
+    #[arg(long, env = "NVIDIA_UPGRADE_SWITCH_TIMEOUT", value_parser = humantime::parse_duration, default_value = "15m")]
+    pub switch_timeout: Duration,
     /// GPU resources (`prefix*` allowed): pods asking for one are drained.
     #[arg(
         long,

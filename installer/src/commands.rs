@@ -74,14 +74,7 @@ pub async fn install(args: &InstallArgs) -> Result<()> {
         request.upgrade = Upgrade::Controller { order: reporter.upgrade_order().await?, unload_wait: args.unload_wait };
     }
     let kernel = HostKernel { host_root: args.stage.host.host_root.clone() };
-    let started = std::time::Instant::now();
-    let result = install::install(&layout, &request, &kernel, &reporter).await;
-    let versions = (request.stage.driver_version.as_str(), request.stage.kernel_release.as_str());
-    let s3 = request.stage.transfer.throttle.stats();
-    if let Err(error) = metrics::record_run(&layout, result.is_ok(), started.elapsed(), versions, s3) {
-        warn!(%error, "recording the run for the node's metrics");
-    }
-    let marker = result?;
+    let marker = install::install(&layout, &request, &kernel, &reporter).await?;
     if args.switch && marker.driver_version != request.stage.driver_version {
         return Err(Error::Upgrade {
             reason: format!(
@@ -472,6 +465,7 @@ pub async fn upgrade_controller(args: &UpgradeControllerArgs) -> Result<()> {
             max_unavailable: args.max_unavailable,
             drain_timeout: args.drain_timeout,
             on_drain_timeout: args.on_drain_timeout,
+            switch_timeout: args.switch_timeout,
         },
         interval: args.interval,
     };

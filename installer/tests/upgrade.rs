@@ -13,6 +13,7 @@ use common::*;
 use integration_tests::s3::S3Server;
 use nvidia_installer::node::api::{Report, Reporter};
 use nvidia_installer::node::install::{InstallRequest, Upgrade, install};
+use nvidia_installer::node::metrics;
 use nvidia_installer::node::ready::{self, Readiness};
 use nvidia_installer::upgrade::State;
 
@@ -70,12 +71,23 @@ async fn without_an_order_b_is_staged_beside_a_and_an_upgrade_is_asked_for() {
     assert!(kernel.calls().is_empty(), "nothing asked of the kernel: {:?}", kernel.calls());
     assert!(layout.bundle(KERNEL, NEW).join("manifest.json").is_file(), "B is staged in the cache");
     assert_eq!(states(&reports), ["upgrade-required"]);
+    assert_eq!(upgrade_seen(&layout), Some(("upgrade-required".to_owned(), NEW.to_owned())));
     assert!(matches!(ready::check(&layout, Some(DRIVER)), Readiness::Ready(_)));
     // Asked again while the controller works on it, the node does not start over.
     let request = request_for(&server, NEW, ordered(State::Draining, Duration::ZERO));
     let reports = Arc::new(Mutex::new(Vec::new()));
     install(&layout, &request, &kernel, &Reporter::Record(reports.clone())).await.expect("keeps A");
     assert!(states(&reports).is_empty(), "{:?}", states(&reports));
+    assert_eq!(
+        upgrade_seen(&layout),
+        Some(("draining".to_owned(), NEW.to_owned())),
+        "the node's metrics show the order it read"
+    );
+}
+
+/// The upgrade state and target the last run recorded for the node's metrics.
+fn upgrade_seen(layout: &nvidia_contract::layout::Layout) -> Option<(String, String)> {
+    metrics::read_record(layout).and_then(|r| r.upgrade).map(|u| (u.state, u.target))
 }
 
 #[tokio::test]
@@ -103,6 +115,12 @@ async fn the_ordered_switch_unloads_a_loads_b_from_the_cache_and_reports_done() 
     assert_eq!(std::fs::read_link(layout.current()).expect("current"), Path::new("cache").join(KERNEL).join(NEW));
     assert!(layout.bundle(KERNEL, DRIVER).join("manifest.json").is_file(), "A stays in the cache for a rollback");
     assert_eq!(server.log().len(), 0, "the switch came from the cache: no request to the bucket");
+    let record = metrics::read_record(&layout).expect("the run is recorded");
+    assert_eq!(upgrade_seen(&layout), Some(("done".to_owned(), NEW.to_owned())));
+    assert!(record.success);
+    assert_eq!(record.downloaded_bytes, 0);
+    let stage = record.stage_duration_seconds.expect("the stage step's time");
+    assert!(stage <= record.duration_seconds, "staging is part of the run: {stage} > {}", record.duration_seconds);
 }
 
 #[tokio::test]
@@ -145,6 +163,7 @@ async fn a_b_that_fails_to_load_leaves_a_loaded_again_and_the_node_usable() {
     let failed = recorded.iter().find(|r| r.reason == "upgrade:failed").expect("failed");
     assert!(failed.message.contains(&format!("driver {NEW} failed")), "{}", failed.message);
     assert!(failed.message.contains(&format!("driver {DRIVER} is loaded again")), "{}", failed.message);
+    assert_eq!(upgrade_seen(&layout), Some(("failed".to_owned(), NEW.to_owned())));
     // The failed upgrade is not tried again by itself.
     let again = request_for(&server, NEW, ordered(State::Failed, Duration::from_secs(5)));
     let reports = Arc::new(Mutex::new(Vec::new()));

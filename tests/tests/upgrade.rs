@@ -1,8 +1,9 @@
 //! The upgrade controller against the loopback Kubernetes API: ten GPU nodes waiting for a new
 //! driver, pods with and without the driver on them, a PodDisruptionBudget that refuses one
-//! eviction with 429 for a while, a node whose new driver fails, and the controller killed and
-//! started again in the middle. The nodes' side (the installer pod's install step, which the
-//! DaemonSet starts again when the controller deletes it) is played by this test through the API.
+//! eviction with 429 for a while, a node whose new driver fails, a node that goes NotReady once
+//! ordered to switch, and the controller killed and started again in the middle. The nodes' side
+//! (the installer pod's install step, which the DaemonSet starts again when the controller deletes
+//! it) is played by this test through the API.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -29,6 +30,9 @@ const FAILING: &str = "gpu-07";
 const GUARDED: &str = "gpu-03";
 /// How many evictions of the guarded pod its PodDisruptionBudget refuses.
 const REFUSALS: usize = 24;
+/// The node that goes NotReady once ordered to switch: its installer pod never comes back, and
+/// the controller gives it up after the switch timeout so that the rollout goes on.
+const LOST: &str = "gpu-05";
 
 fn node_path(name: &str) -> String {
     format!("/api/v1/nodes/{name}")
@@ -101,6 +105,7 @@ fn controller(kubeconfig: &Path) -> Child {
     Command::new(workspace_binary("nvidia-installer"))
         .args(["upgrade-controller", "--namespace", "kube-system", "--installer-labels", "app=nvidia-installer"])
         .args(["--max-unavailable", &MAX_UNAVAILABLE.to_string(), "--interval", "150ms", "--drain-timeout", "1h"])
+        .args(["--switch-timeout", "2s"])
         .env("KUBECONFIG", kubeconfig)
         .env_remove("KUBERNETES_SERVICE_HOST")
         .stdout(Stdio::null())
@@ -126,6 +131,16 @@ fn play_nodes(api: &ApiServer, stop: &AtomicBool) {
                 continue;
             }
             let ordered = state(api, &node).as_deref() == Some("unloading");
+            if node == LOST && ordered {
+                // The node went away after the order: the kubelet reports nothing, no pod starts.
+                if let Some(mut object) = api.object(&node_path(&node))
+                    && object["status"]["conditions"][0]["status"] != json!("False")
+                {
+                    object["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
+                    api.insert(&node_path(&node), object);
+                }
+                continue;
+            }
             let pod = installer_pod(&node, generation);
             generation += 1;
             api.insert(&pod_path("kube-system", pod["metadata"]["name"].as_str().expect("name")), pod);
@@ -234,6 +249,11 @@ fn a_rollout_keeps_to_max_unavailable_through_a_pdb_a_failure_and_a_controller_r
             assert_eq!(state(&api, &name).as_deref(), Some("failed"));
             assert!(annotations[UPGRADE_REASON_ANNOTATION].as_str().is_some_and(|r| r.contains("loaded again")));
             assert_eq!(node["metadata"]["labels"][DRIVER_VERSION_LABEL], json!(OLD));
+        } else if name == LOST {
+            assert_eq!(state(&api, &name).as_deref(), Some("failed"), "given up after the switch timeout");
+            let reason = annotations[UPGRADE_REASON_ANNOTATION].as_str().unwrap_or_default();
+            assert!(reason.contains("not performed within") && reason.contains("NotReady"), "{reason}");
+            assert_eq!(node["metadata"]["labels"][DRIVER_VERSION_LABEL], json!(OLD));
         } else {
             assert_eq!(state(&api, &name).as_deref(), Some("done"), "{name}");
             assert_eq!(node["metadata"]["labels"][DRIVER_VERSION_LABEL], json!(NEW));
@@ -261,6 +281,12 @@ fn a_rollout_keeps_to_max_unavailable_through_a_pdb_a_failure_and_a_controller_r
         .unwrap_or_else(|| panic!("an event names the blocking pod: {events:?}\n{logs}"));
     assert!(blocked["note"].as_str().is_some_and(|n| n.contains(&format!("ml/train-{GUARDED}"))), "{blocked}");
     assert_eq!(blocked["regarding"]["name"], json!(GUARDED));
+    let stalled = events
+        .iter()
+        .find(|e| e["reason"] == json!("DriverUpgradeStalled"))
+        .unwrap_or_else(|| panic!("an event says the lost node was given up: {events:?}\n{logs}"));
+    assert_eq!(stalled["regarding"]["name"], json!(LOST));
+    assert_eq!(stalled["type"], json!("Warning"));
     let started = events.iter().filter(|e| e["reason"] == json!("DriverUpgradeStarted")).count();
     assert!(started >= NODES, "every node's start is recorded ({started})");
 }

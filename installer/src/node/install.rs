@@ -15,7 +15,7 @@ use crate::node::lock::HostLock;
 use crate::node::modules::{Loader, ModuleLoad, Planner, plan_loads};
 use crate::node::ready::{self, LastError, ReadyMarker};
 use crate::node::stage::{self, StageRequest, Staged};
-use crate::node::{firmware, gpus, holders};
+use crate::node::{firmware, gpus, holders, metrics};
 use crate::upgrade::State;
 use crate::{Error, Result};
 
@@ -46,22 +46,72 @@ pub const DEFAULT_UNLOAD_WAIT: Duration = Duration::from_secs(300);
 /// How often it looks meanwhile.
 const UNLOAD_POLL: Duration = Duration::from_secs(2);
 
-/// Install and report the outcome.
+/// What a run did that its record keeps for the node's metrics.
+#[derive(Debug, Clone, Default)]
+struct RunFacts {
+    /// How long the stage step took.
+    stage: Option<Duration>,
+    /// The last upgrade state this run recorded on the Node, with its target.
+    upgrade: Option<(State, String)>,
+}
+
+/// Record `state` on the Node (see [`Reporter::upgrade_state`]) and in the run's facts.
+async fn set_state(
+    reporter: &Reporter,
+    facts: &mut RunFacts,
+    state: State,
+    target: &str,
+    reason: Option<&str>,
+) -> Result<()> {
+    reporter.upgrade_state(state, target, reason).await?;
+    facts.upgrade = Some((state, target.to_owned()));
+    Ok(())
+}
+
+/// Install, report the outcome, and record the run for the node's metrics (`last-run.json`).
 pub async fn install(
     layout: &Layout,
     request: &InstallRequest,
     kernel: &dyn Kernel,
     reporter: &Reporter,
 ) -> Result<ReadyMarker> {
+    let started = Instant::now();
+    let mut facts = RunFacts::default();
+    let result = install_reported(layout, request, kernel, reporter, &mut facts).await;
+    let versions = (request.stage.driver_version.as_str(), request.stage.kernel_release.as_str());
+    let mut record =
+        metrics::run_record(result.is_ok(), started.elapsed(), versions, request.stage.transfer.throttle.stats());
+    record.stage_duration_seconds = facts.stage.map(|d| d.as_secs_f64());
+    let order = match &request.upgrade {
+        Upgrade::Controller { order: Some((state, target)), .. } => Some((*state, target.clone().unwrap_or_default())),
+        _ => None,
+    };
+    record.upgrade = facts
+        .upgrade
+        .or(order)
+        .map(|(state, target)| metrics::UpgradeSeen { state: state.as_str().to_owned(), target });
+    if let Err(error) = metrics::record_run(layout, record) {
+        warn!(%error, "recording the run for the node's metrics");
+    }
+    result
+}
+
+async fn install_reported(
+    layout: &Layout,
+    request: &InstallRequest,
+    kernel: &dyn Kernel,
+    reporter: &Reporter,
+    facts: &mut RunFacts,
+) -> Result<ReadyMarker> {
     let driver = request.stage.driver_version.clone();
-    let result = install_locked(layout, request, kernel, reporter).await;
+    let result = install_locked(layout, request, kernel, reporter, facts).await;
     if let Err(Error::KeptLoaded { loaded, wanted, state, reason }) = &result {
         // The loaded driver keeps serving its pods; the node stays ready for it.
         warn!(%loaded, %wanted, %reason, "keeping the loaded driver");
         if let Some(state) = state {
             // The controller acts on `failed` (it uncordons): the write must land, or this run
             // fails and the kubelet runs it again.
-            reporter.upgrade_state(*state, wanted, Some(reason)).await?;
+            set_state(reporter, facts, *state, wanted, Some(reason)).await?;
         }
         reporter
             .report(Report {
@@ -87,7 +137,7 @@ pub async fn install(
                 if state.out_of_service() || *state == State::UpgradeRequired)
             {
                 // Without `done` the node stays cordoned: fail, and the kubelet runs this again.
-                reporter.upgrade_state(State::Done, &marker.driver_version, None).await?;
+                set_state(reporter, facts, State::Done, &marker.driver_version, None).await?;
             }
             reporter
                 .report(Report {
@@ -126,7 +176,7 @@ pub async fn install(
             {
                 // `installing`: a state the node side writes (the node guard lets it write no other).
                 let kept = format!("{reason}; no driver is loaded, so the node stays cordoned until one is");
-                if let Err(e) = reporter.upgrade_state(State::Installing, &driver, Some(&kept)).await {
+                if let Err(e) = set_state(reporter, facts, State::Installing, &driver, Some(&kept)).await {
                     warn!(error = %e, "could not record the failure on the node");
                 }
             }
@@ -156,6 +206,7 @@ async fn install_locked(
     request: &InstallRequest,
     kernel: &dyn Kernel,
     reporter: &Reporter,
+    facts: &mut RunFacts,
 ) -> Result<ReadyMarker> {
     let _lock = HostLock::acquire(layout).await?;
     let wanted = &request.stage.driver_version;
@@ -179,6 +230,7 @@ async fn install_locked(
         }
         (result, _) => result?,
     };
+    facts.stage = Some(staged.duration);
     if let Some(loaded) = other_loaded(layout, &staged, wanted) {
         return match &request.upgrade {
             Upgrade::Manual => Err(Error::OtherVersionLoaded { loaded, wanted: wanted.clone() }),
@@ -186,7 +238,7 @@ async fn install_locked(
                 let for_wanted = |target: &Option<String>| target.as_deref() == Some(wanted.as_str());
                 match order {
                     Some((State::Unloading | State::Installing | State::Validating, target)) if for_wanted(target) => {
-                        switch(layout, request, kernel, reporter, &loaded, *unload_wait).await
+                        switch(layout, request, (kernel, reporter, facts), &loaded, *unload_wait).await
                     }
                     Some((State::Failed, target)) if for_wanted(target) => Err(Error::KeptLoaded {
                         loaded,
@@ -298,8 +350,7 @@ fn refuse_other_loaded(layout: &Layout, staged: &Staged, wanted: &str) -> Result
 async fn switch(
     layout: &Layout,
     request: &InstallRequest,
-    kernel: &dyn Kernel,
-    reporter: &Reporter,
+    (kernel, reporter, facts): (&dyn Kernel, &Reporter, &mut RunFacts),
     loaded: &str,
     unload_wait: Duration,
 ) -> Result<ReadyMarker> {
@@ -328,8 +379,19 @@ async fn switch(
         }
         tokio::time::sleep(UNLOAD_POLL.min(unload_wait)).await;
     }
+    // The controller may have given the node up while this waited (its switch timeout): only an
+    // order that still stands is carried out.
+    if let Some((state, target)) = reporter.upgrade_order().await?
+        && !(matches!(state, State::Unloading | State::Installing | State::Validating)
+            && target.as_deref() == Some(wanted.as_str()))
+    {
+        return Err(kept(
+            None,
+            format!("the order to switch to {wanted} was withdrawn while waiting (the node is now {state})"),
+        ));
+    }
     info!(%loaded, %wanted, "unloading the old driver");
-    reporter.upgrade_state(State::Installing, wanted, None).await?;
+    set_state(reporter, facts, State::Installing, wanted, None).await?;
     ready::remove_marker(layout)?;
     let mut previous = request.clone();
     previous.stage.driver_version = loaded.to_owned();
@@ -349,7 +411,7 @@ async fn switch(
     }
     let attempt = match stage::stage_locked(layout, &request.stage).await {
         Ok(staged) => {
-            if let Err(error) = reporter.upgrade_state(State::Validating, wanted, None).await {
+            if let Err(error) = set_state(reporter, facts, State::Validating, wanted, None).await {
                 warn!(%error, "could not record the upgrade state; going on");
             }
             load_staged(layout, request, kernel, &staged)

@@ -38,8 +38,22 @@ pub struct RunRecord {
     pub downloaded_bytes: u64,
     pub retries: u64,
     pub throttled: u64,
+    /// The stage step's part of `duration_seconds` (absent: the run failed before staging ended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage_duration_seconds: Option<f64>,
+    /// The node's driver upgrade as the node side last saw it: the state it recorded on the Node,
+    /// or else the order it read there; kept from run to run until either changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<UpgradeSeen>,
     #[serde(default)]
     pub totals: Totals,
+}
+
+/// An upgrade state and the driver version it moves to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeSeen {
+    pub state: String,
+    pub target: String,
 }
 
 /// Counters over every run since the record was first written.
@@ -58,38 +72,48 @@ pub fn read_record(layout: &Layout) -> Option<RunRecord> {
     serde_json::from_slice(&bytes).ok()
 }
 
-/// Record a finished `install` run: its figures, added to the totals of the runs before.
-pub fn record_run(
-    layout: &Layout,
-    success: bool,
-    duration: Duration,
-    (driver_version, kernel_release): (&str, &str),
-    s3: ThrottleStats,
-) -> Result<RunRecord> {
-    let mut totals = read_record(layout).map(|r| r.totals).unwrap_or_default();
-    if success {
+/// Record a finished `install` run: its figures, added to the totals of the runs before (its own
+/// `totals` and `finished_at` are filled in here), and the upgrade state of the run before when
+/// this one saw none.
+pub fn record_run(layout: &Layout, mut record: RunRecord) -> Result<RunRecord> {
+    let previous = read_record(layout);
+    let mut totals = previous.as_ref().map(|r| r.totals.clone()).unwrap_or_default();
+    if record.success {
         totals.succeeded += 1;
     } else {
         totals.failed += 1;
     }
-    totals.downloaded_bytes += s3.received_bytes;
-    totals.retries += s3.retries;
-    totals.throttled += s3.throttled;
-    let record = RunRecord {
+    totals.downloaded_bytes += record.downloaded_bytes;
+    totals.retries += record.retries;
+    totals.throttled += record.throttled;
+    record.totals = totals;
+    record.finished_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    if record.upgrade.is_none() {
+        record.upgrade = previous.and_then(|p| p.upgrade);
+    }
+    let bytes = serde_json::to_vec_pretty(&record)
+        .map_err(|e| Error::Encode { what: "the run record", reason: e.to_string() })?;
+    write_atomic(&layout.last_run(), &bytes)?;
+    Ok(record)
+}
+
+/// The figures of one run, before [`record_run`] adds them up.
+pub fn run_record(
+    success: bool,
+    duration: Duration,
+    (driver_version, kernel_release): (&str, &str),
+    s3: ThrottleStats,
+) -> RunRecord {
+    RunRecord {
         success,
-        finished_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         duration_seconds: duration.as_secs_f64(),
         driver_version: driver_version.to_owned(),
         kernel_release: kernel_release.to_owned(),
         downloaded_bytes: s3.received_bytes,
         retries: s3.retries,
         throttled: s3.throttled,
-        totals,
-    };
-    let bytes = serde_json::to_vec_pretty(&record)
-        .map_err(|e| Error::Encode { what: "the run record", reason: e.to_string() })?;
-    write_atomic(&layout.last_run(), &bytes)?;
-    Ok(record)
+        ..RunRecord::default()
+    }
 }
 
 /// A label value as the text format wants it.
@@ -189,6 +213,23 @@ pub fn render(status: &Status, record: Option<&RunRecord>) -> String {
             "gauge",
             "How long the last install run took: stage (download, verify, extract) and load",
             &plain(record.duration_seconds),
+        );
+        text.metric(
+            "nvidia_installer_last_stage_duration_seconds",
+            "gauge",
+            "How long the last install run's stage step took (download, verify, extract; a cache hit is quick)",
+            &record.stage_duration_seconds.map(plain).unwrap_or_default(),
+        );
+        let upgrade: Vec<(String, f64)> = record
+            .upgrade
+            .iter()
+            .map(|u| (labels(&[("state", u.state.as_str()), ("target", u.target.as_str())]), 1.0))
+            .collect();
+        text.metric(
+            "nvidia_installer_upgrade_state_info",
+            "gauge",
+            "The node's driver upgrade as the node side last saw it (the state it recorded, or the order it read), with the target version",
+            &upgrade,
         );
         text.metric(
             "nvidia_installer_last_install_downloaded_bytes",
@@ -342,12 +383,22 @@ mod tests {
         let layout = Layout::new(dir.path(), "/opt/nvidia-installer");
         std::fs::create_dir_all(layout.root()).expect("root");
         let s3 = ThrottleStats { retries: 2, throttled: 1, limit: 4, received_bytes: 1000 };
-        record_run(&layout, false, Duration::from_secs(3), ("1.0", "6.1"), s3).expect("first");
-        let record = record_run(&layout, true, Duration::from_millis(1500), ("1.0", "6.1"), ThrottleStats::default())
-            .expect("second");
+        let mut first = run_record(false, Duration::from_secs(3), ("1.0", "6.1"), s3);
+        first.upgrade = Some(UpgradeSeen { state: "failed".into(), target: "1.0".into() });
+        record_run(&layout, first).expect("first");
+        let mut second = run_record(true, Duration::from_millis(1500), ("1.0", "6.1"), ThrottleStats::default());
+        second.stage_duration_seconds = Some(0.25);
+        let record = record_run(&layout, second).expect("second");
         assert_eq!(read_record(&layout), Some(record.clone()));
         assert_eq!(record.totals, Totals { succeeded: 1, failed: 1, downloaded_bytes: 1000, retries: 2, throttled: 1 });
+        assert_eq!(
+            record.upgrade,
+            Some(UpgradeSeen { state: "failed".into(), target: "1.0".into() }),
+            "a run that saw no upgrade keeps what the one before saw"
+        );
         let text = render(&status(true), Some(&record));
+        assert!(text.contains("nvidia_installer_last_stage_duration_seconds 0.25\n"), "{text}");
+        assert!(text.contains("nvidia_installer_upgrade_state_info{state=\"failed\",target=\"1.0\"} 1\n"), "{text}");
         assert!(text.contains("nvidia_installer_installs_total{outcome=\"success\"} 1\n"), "{text}");
         assert!(text.contains("nvidia_installer_installs_total{outcome=\"failure\"} 1\n"), "{text}");
         assert!(text.contains("nvidia_installer_s3_downloaded_bytes_total 1000\n"), "{text}");
@@ -369,7 +420,12 @@ mod tests {
         let mut state = status(true);
         state.last_error =
             Some(crate::node::ready::LastError { reason: "r".into(), driver_version: "1".into(), at: String::new() });
-        let text = render(&state, Some(&RunRecord::default()));
+        let record = RunRecord {
+            stage_duration_seconds: Some(1.0),
+            upgrade: Some(UpgradeSeen { state: "done".into(), target: "1".into() }),
+            ..RunRecord::default()
+        };
+        let text = render(&state, Some(&record));
         let exposed: std::collections::BTreeSet<String> = text
             .lines()
             .filter(|l| !l.starts_with('#') && !l.is_empty())

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -65,6 +65,8 @@ pub struct Staged {
     pub held_back_by: Option<String>,
     /// The trusted key whose signature the bundle carries.
     pub signed_by: Option<KeyId>,
+    /// How long staging took (download, verify, extract, or the cache check of a hit).
+    pub duration: Duration,
 }
 
 /// Stage the bundle, holding the host lock throughout.
@@ -100,7 +102,7 @@ pub async fn stage_locked(layout: &Layout, request: &StageRequest) -> Result<Sta
         elapsed_ms = started.elapsed().as_millis() as u64,
         "staged"
     );
-    Ok(Staged { bundle, manifest, downloaded_from, current, held_back_by, signed_by })
+    Ok(Staged { bundle, manifest, downloaded_from, current, held_back_by, signed_by, duration: started.elapsed() })
 }
 
 /// The cached bundle, when it can be used again: whole ([`cache::cached`]: checked once), of a
@@ -425,6 +427,7 @@ fn publish_staged(layout: &Layout, staging: &Path, bundle: &Path, verified: Resu
 /// Stage a bundle archive built on this host (`install --allow-compilation`), with the same
 /// extraction, verification and switch as a download. The caller holds the host lock.
 pub async fn stage_archive_locked(layout: &Layout, request: &StageRequest, archive_path: &Path) -> Result<Staged> {
+    let started = Instant::now();
     clean_leftovers(layout)?;
     let inner = crate::bundle::pack::read_inner_manifest(archive_path)?;
     if inner.driver_version != request.driver_version || inner.kernel_release != request.kernel_release {
@@ -475,7 +478,15 @@ pub async fn stage_archive_locked(layout: &Layout, request: &StageRequest, archi
         .and_then(|(extracted, sha256)| verify_and_complete(request, &located, &staging, extracted, sha256, &source));
     let manifest = publish_staged(layout, &staging, &bundle, result)?;
     let (current, held_back_by) = switch_current(layout, request)?;
-    Ok(Staged { bundle, manifest, downloaded_from: None, current, held_back_by, signed_by: None })
+    Ok(Staged {
+        bundle,
+        manifest,
+        downloaded_from: None,
+        current,
+        held_back_by,
+        signed_by: None,
+        duration: started.elapsed(),
+    })
 }
 
 /// Reads the downloaded parts in order, in place (a `BufRead`: the decoder reads the parts'

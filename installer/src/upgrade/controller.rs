@@ -2,7 +2,7 @@
 //! and performs it through the API server. One replica; a restarted one carries on from the Nodes'
 //! labels.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -51,6 +51,7 @@ pub async fn run(client: kube::Client, config: Config, stop: impl Future<Output 
         namespace = %controller.config.namespace,
         max_unavailable = ?controller.config.policy.max_unavailable,
         drain_timeout = %humantime::format_duration(controller.config.policy.drain_timeout),
+        switch_timeout = %humantime::format_duration(controller.config.policy.switch_timeout),
         on_drain_timeout = ?controller.config.policy.on_drain_timeout,
         "upgrade controller started"
     );
@@ -88,17 +89,28 @@ impl Controller {
             .map_err(|e| api_error("listing the GPU nodes", "", e))?;
         let views: Vec<_> = listed.items.iter().map(node_view).collect();
         let mut pods = Vec::new();
+        // Nodes whose pods could not be listed: nothing is done on them this round (an empty list
+        // would read as a drained node), the others go on.
+        let mut unknown = HashSet::new();
         let pods_api: Api<Pod> = Api::all(self.client.clone());
         for node in views.iter().filter(|n| matches!(n.state, Some(State::Draining | State::Unloading))) {
-            let on_node = pods_api
-                .list(&ListParams::default().fields(&format!("spec.nodeName={}", node.name)))
-                .await
-                .map_err(|e| api_error("listing the pods on", &node.name, e))?;
-            pods.extend(on_node.items.iter().filter_map(|p| {
-                pod_view(p, &self.config.gpu_resources, &self.config.namespace, &self.config.installer_labels)
-            }));
+            let params = ListParams::default().fields(&format!("spec.nodeName={}", node.name));
+            match tokio::time::timeout(STEP_TIMEOUT, pods_api.list(&params)).await {
+                Ok(Ok(on_node)) => pods.extend(on_node.items.iter().filter_map(|p| {
+                    pod_view(p, &self.config.gpu_resources, &self.config.namespace, &self.config.installer_labels)
+                })),
+                Ok(Err(error)) => {
+                    warn!(node = %node.name, error = %api_error("listing the pods on", &node.name, error), "skipping the node this round");
+                    unknown.insert(node.name.clone());
+                }
+                Err(_) => {
+                    warn!(node = %node.name, "listing its pods took too long; skipping the node this round");
+                    unknown.insert(node.name.clone());
+                }
+            }
         }
-        let actions = plan::plan(&views, &pods, &self.config.policy, SystemTime::now());
+        let mut actions = plan::plan(&views, &pods, &self.config.policy, SystemTime::now());
+        actions.retain(|action| !unknown.contains(action.node()));
         for action in actions {
             match tokio::time::timeout(STEP_TIMEOUT, self.perform(&action)).await {
                 Ok(Ok(())) => {}

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use nvidia_contract::{
-    INIT_CONTAINER, UPGRADE_CORDONED_ANNOTATION, UPGRADE_SINCE_ANNOTATION, UPGRADE_STATE_LABEL,
-    UPGRADE_TARGET_ANNOTATION,
+    INIT_CONTAINER, UPGRADE_CORDONED_ANNOTATION, UPGRADE_REASON_ANNOTATION, UPGRADE_SINCE_ANNOTATION,
+    UPGRADE_STATE_LABEL, UPGRADE_TARGET_ANNOTATION,
 };
 
 use plan::{NodeView, PodView};
@@ -157,6 +157,7 @@ pub fn node_view(node: &Node) -> NodeView {
         unschedulable: node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false),
         cordoned_by_us: annotation(UPGRADE_CORDONED_ANNOTATION).as_deref() == Some("true"),
         since: annotation(UPGRADE_SINCE_ANNOTATION).as_deref().and_then(time_of),
+        reason: annotation(UPGRADE_REASON_ANNOTATION).filter(|r| !r.is_empty()),
         ready: node
             .status
             .as_ref()

@@ -17,6 +17,8 @@ pub struct NodeView {
     pub cordoned_by_us: bool,
     /// When the state last changed.
     pub since: Option<SystemTime>,
+    /// Why, as the last writer of the state put it.
+    pub reason: Option<String>,
     /// The kubelet reports the node Ready: only such nodes are started (a NotReady node's
     /// installer pod would never come back to perform the switch).
     pub ready: bool,
@@ -88,6 +90,25 @@ pub struct Policy {
     pub max_unavailable: MaxUnavailable,
     pub drain_timeout: Duration,
     pub on_drain_timeout: DrainPolicy,
+    /// How long a node may stay in `unloading`, `installing` or `validating` before the controller
+    /// says so in an Event; a node in `unloading` whose switch nobody can perform by then (the node
+    /// NotReady, no installer pod on it) is given up (`failed`, its driver kept, its slot freed).
+    pub switch_timeout: Duration,
+}
+
+impl Action {
+    /// The node the action concerns.
+    pub fn node(&self) -> &str {
+        match self {
+            Self::Cordon { node }
+            | Self::Uncordon { node }
+            | Self::SetState { node, .. }
+            | Self::Evict { node, .. }
+            | Self::Delete { node, .. }
+            | Self::RestartInstaller { node, .. }
+            | Self::Event { node, .. } => node,
+        }
+    }
 }
 
 /// The nodes out of service for the upgrade now: in a state between `cordoned` and `validating`,
@@ -128,7 +149,9 @@ pub fn plan(nodes: &[NodeView], pods: &[PodView], policy: &Policy, now: SystemTi
                 // The installer pod that runs the switch is the one created after the order; an
                 // older one (the controller stopped before deleting it) is deleted now.
                 let since = node.since.unwrap_or(SystemTime::UNIX_EPOCH);
-                for pod in pods.iter().filter(on_node).filter(|p| p.installer && !p.terminating) {
+                let installers: Vec<&PodView> =
+                    pods.iter().filter(on_node).filter(|p| p.installer && !p.terminating).collect();
+                for pod in &installers {
                     if pod.created.is_none_or(|created| created < since) {
                         actions.push(Action::RestartInstaller {
                             namespace: pod.namespace.clone(),
@@ -136,6 +159,25 @@ pub fn plan(nodes: &[NodeView], pods: &[PodView], policy: &Policy, now: SystemTi
                             node: node.name.clone(),
                         });
                     }
+                }
+                if let Some(stalled) = stalled_for(node, policy, now) {
+                    unloading_stalled(node, &installers, &stalled, &mut actions);
+                }
+            }
+            Some(state @ (State::Installing | State::Validating)) => {
+                if let Some(stalled) = stalled_for(node, policy, now) {
+                    // The old driver may be unloaded already: the node stays cordoned and keeps its
+                    // slot (the rollout waits rather than take more nodes into a switch that fails).
+                    let readiness = if node.ready { "" } else { "; the node is NotReady" };
+                    let why = node.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default();
+                    actions.push(Action::Event {
+                        node: node.name.clone(),
+                        reason: "DriverUpgradeStalled".to_owned(),
+                        message: format!(
+                            "still {state} after {stalled}{why}{readiness}; the node stays cordoned and keeps its place in the rollout until its installer pod finishes the switch (its log says why)"
+                        ),
+                        warning: true,
+                    });
                 }
             }
             _ => {}
@@ -165,6 +207,57 @@ pub fn plan(nodes: &[NodeView], pods: &[PodView], policy: &Policy, now: SystemTi
         });
     }
     actions
+}
+
+/// How long the node has been in its state, when that is past the switch timeout.
+fn stalled_for(node: &NodeView, policy: &Policy, now: SystemTime) -> Option<String> {
+    let waited = now.duration_since(node.since?).ok()?;
+    (waited >= policy.switch_timeout)
+        .then(|| humantime::format_duration(Duration::from_secs(waited.as_secs())).to_string())
+}
+
+/// A node ordered to switch that has not started within the switch timeout. Nothing has been
+/// unloaded yet (the node side writes `installing` first), so a node whose switch nobody can
+/// perform (NotReady, or no installer pod on it) is given up: `failed`, then uncordoned with its
+/// driver, and its slot goes to the next node. A node whose installer pod is there is waited for.
+fn unloading_stalled(node: &NodeView, installers: &[&PodView], stalled: &str, actions: &mut Vec<Action>) {
+    let gone = if !node.ready {
+        Some("the node is NotReady".to_owned())
+    } else if installers.is_empty() {
+        Some("no installer pod runs on it (is the DaemonSet's node selector or affinity still matching?)".to_owned())
+    } else {
+        None
+    };
+    match gone {
+        Some(why) => {
+            let reason = format!("the switch was not performed within {stalled}: {why}");
+            let then = "the node keeps the driver it has, is uncordoned, and the rollout goes on without it";
+            give_up(node, "DriverUpgradeStalled", reason, then, actions);
+        }
+        None => {
+            let names = installers.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect::<Vec<_>>().join(", ");
+            actions.push(Action::Event {
+                node: node.name.clone(),
+                reason: "DriverUpgradeStalled".to_owned(),
+                message: format!(
+                    "still unloading after {stalled}: the installer pod {names} has not started the switch (it waits up to its --unload-wait for processes holding the driver; its log names them)"
+                ),
+                warning: true,
+            });
+        }
+    }
+}
+
+/// Give the node's upgrade up: `failed` with `reason` (the controller uncordons it next round),
+/// and a Warning Event saying so and what follows (`then`).
+fn give_up(node: &NodeView, event: &str, reason: String, then: &str, actions: &mut Vec<Action>) {
+    actions.push(Action::Event {
+        node: node.name.clone(),
+        reason: event.to_owned(),
+        message: format!("{reason}; {then}"),
+        warning: true,
+    });
+    actions.push(Action::SetState { node: node.name.clone(), state: State::Failed, reason: Some(reason) });
 }
 
 /// A draining node: evict its GPU pods; once none is left, order the switch.
@@ -225,17 +318,7 @@ fn drain(node: &NodeView, pods: Vec<&PodView>, policy: &Policy, now: SystemTime,
         }
         DrainPolicy::SkipNode => {
             let reason = format!("drain timed out after {waited_text}; still on the node: {names}");
-            actions.push(Action::SetState {
-                node: node.name.clone(),
-                state: State::Failed,
-                reason: Some(reason.clone()),
-            });
-            actions.push(Action::Event {
-                node: node.name.clone(),
-                reason: "DriverUpgradeSkipped".to_owned(),
-                message: format!("{reason}; the node keeps its driver and is uncordoned"),
-                warning: true,
-            });
+            give_up(node, "DriverUpgradeSkipped", reason, "the node keeps its driver and is uncordoned", actions);
         }
     }
 }
@@ -252,6 +335,7 @@ mod tests {
             unschedulable: state.is_some_and(State::out_of_service),
             cordoned_by_us: state.is_some_and(State::out_of_service),
             since: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1000)),
+            reason: None,
             ready: true,
         }
     }
@@ -270,7 +354,12 @@ mod tests {
     }
 
     fn policy(max: MaxUnavailable, on_timeout: DrainPolicy) -> Policy {
-        Policy { max_unavailable: max, drain_timeout: Duration::from_secs(60), on_drain_timeout: on_timeout }
+        Policy {
+            max_unavailable: max,
+            drain_timeout: Duration::from_secs(60),
+            on_drain_timeout: on_timeout,
+            switch_timeout: Duration::from_secs(900),
+        }
     }
 
     fn at(seconds: u64) -> SystemTime {
@@ -350,13 +439,13 @@ mod tests {
         let mut old = pod("inst-old", "a", false, true);
         old.created = Some(at(10));
         let mut new = pod("inst-new", "a", false, true);
-        new.created = Some(at(2000));
-        let actions = plan(&nodes, &[old, new.clone()], &policy(MaxUnavailable::Count(1), DrainPolicy::Wait), at(2001));
+        new.created = Some(at(1500));
+        let actions = plan(&nodes, &[old, new.clone()], &policy(MaxUnavailable::Count(1), DrainPolicy::Wait), at(1501));
         assert_eq!(
             actions,
             vec![Action::RestartInstaller { namespace: "ml".into(), pod: "inst-old".into(), node: "a".into() }]
         );
-        assert!(plan(&nodes, &[new], &policy(MaxUnavailable::Count(1), DrainPolicy::Wait), at(2001)).is_empty());
+        assert!(plan(&nodes, &[new], &policy(MaxUnavailable::Count(1), DrainPolicy::Wait), at(1501)).is_empty());
     }
 
     #[test]
@@ -391,5 +480,72 @@ mod tests {
         stuck.terminating = true;
         let actions = plan(&nodes, &[stuck], &policy(MaxUnavailable::Count(1), DrainPolicy::ForceAfter), at(1061));
         assert!(actions.contains(&Action::Delete { namespace: "ml".into(), pod: "train".into(), node: "a".into() }));
+    }
+
+    #[test]
+    fn a_node_ordered_to_switch_that_nobody_can_switch_is_given_up_after_the_switch_timeout() {
+        let pol = policy(MaxUnavailable::Count(1), DrainPolicy::Wait);
+        let mut lost = node("a", Some(State::Unloading));
+        lost.ready = false;
+        let waiting = node("b", Some(State::UpgradeRequired));
+        let before = plan(&[lost.clone(), waiting.clone()], &[], &pol, at(1000 + 899));
+        assert!(before.is_empty(), "within the switch timeout nothing happens: {before:?}");
+        let after = plan(&[lost.clone(), waiting.clone()], &[], &pol, at(1000 + 900));
+        assert!(
+            after.iter().any(|a| matches!(a, Action::SetState { node, state: State::Failed, reason: Some(r) }
+                if node == "a" && r.contains("NotReady") && r.contains("15m"))),
+            "{after:?}"
+        );
+        assert!(
+            after
+                .iter()
+                .any(|a| matches!(a, Action::Event { reason, warning: true, .. } if reason == "DriverUpgradeStalled"))
+        );
+        // Failed, then uncordoned the next round, and its slot goes to the next node.
+        lost.state = Some(State::Failed);
+        let next = plan(&[lost, waiting], &[], &pol, at(1000 + 910));
+        assert!(next.contains(&Action::Uncordon { node: "a".into() }), "{next:?}");
+        assert!(next.contains(&Action::Cordon { node: "b".into() }), "{next:?}");
+
+        // Ready, but no installer pod on it: nobody will switch it either.
+        let orphan = node("c", Some(State::Unloading));
+        let actions = plan(std::slice::from_ref(&orphan), &[], &pol, at(1000 + 900));
+        assert!(
+            actions.iter().any(|a| matches!(a, Action::SetState { state: State::Failed, reason: Some(r), .. } if r.contains("no installer pod"))),
+            "{actions:?}"
+        );
+        // Ready with its installer pod (waiting for a process to let go): warned about, not given up.
+        let mut installer = pod("inst", "c", false, true);
+        installer.created = Some(at(1001));
+        let actions = plan(&[orphan], &[installer], &pol, at(1000 + 900));
+        assert!(!actions.iter().any(|a| matches!(a, Action::SetState { .. })), "{actions:?}");
+        assert!(actions.iter().any(|a| matches!(a, Action::Event { reason, message, .. }
+            if reason == "DriverUpgradeStalled" && message.contains("ml/inst"))));
+    }
+
+    #[test]
+    fn a_node_stalled_mid_switch_is_reported_and_keeps_its_slot() {
+        let pol = policy(MaxUnavailable::Count(1), DrainPolicy::Wait);
+        let mut stuck = node("a", Some(State::Installing));
+        stuck.reason = Some("no driver is loaded".to_owned());
+        stuck.ready = false;
+        let waiting = node("b", Some(State::UpgradeRequired));
+        let actions = plan(&[stuck.clone(), waiting.clone()], &[], &pol, at(1000 + 3600));
+        assert_eq!(actions.len(), 1, "{actions:?}");
+        assert!(matches!(&actions[0], Action::Event { node, reason, message, warning: true }
+            if node == "a" && reason == "DriverUpgradeStalled" && message.contains("still installing after 1h")
+                && message.contains("no driver is loaded") && message.contains("NotReady")));
+        stuck.state = Some(State::Validating);
+        assert!(plan(&[stuck, waiting], &[], &pol, at(1000 + 60)).is_empty(), "not before the switch timeout");
+    }
+
+    #[test]
+    fn every_action_names_its_node() {
+        let actions = [
+            Action::Cordon { node: "a".into() },
+            Action::Evict { namespace: "n".into(), pod: "p".into(), node: "a".into() },
+            Action::Event { node: "a".into(), reason: String::new(), message: String::new(), warning: false },
+        ];
+        assert!(actions.iter().all(|a| a.node() == "a"));
     }
 }
