@@ -69,9 +69,13 @@ pub async fn install(args: &InstallArgs) -> Result<()> {
     let reporter = Reporter::for_node(args.node_name.as_deref()).await?;
     if args.switch {
         let order = Some((crate::upgrade::State::Unloading, Some(request.stage.driver_version.clone())));
-        request.upgrade = Upgrade::Controller { order, unload_wait: args.unload_wait };
+        request.upgrade = Upgrade::Controller { order, unload_wait: args.unload_wait, recheck: false };
     } else if args.upgrade_mode == UpgradeMode::Controller {
-        request.upgrade = Upgrade::Controller { order: reporter.upgrade_order().await?, unload_wait: args.unload_wait };
+        request.upgrade = Upgrade::Controller {
+            order: reporter.upgrade_order().await?,
+            unload_wait: args.unload_wait,
+            recheck: true,
+        };
     }
     let kernel = HostKernel { host_root: args.stage.host.host_root.clone() };
     let marker = install::install(&layout, &request, &kernel, &reporter).await?;

@@ -10,12 +10,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
+use integration_tests::kube::ApiServer;
 use integration_tests::s3::S3Server;
+use nvidia_contract::{DRIVER_READY_LABEL, DRIVER_VERSION_LABEL, UPGRADE_STATE_LABEL, UPGRADE_TARGET_ANNOTATION};
 use nvidia_installer::node::api::{Report, Reporter};
 use nvidia_installer::node::install::{InstallRequest, Upgrade, install};
 use nvidia_installer::node::metrics;
 use nvidia_installer::node::ready::{self, Readiness};
 use nvidia_installer::upgrade::State;
+use serde_json::json;
 
 const NEW: &str = "550.163.01";
 const MODULES: [&str; 3] = ["nvidia", "nvidia-uvm", "nvidia-modeset"];
@@ -44,7 +47,7 @@ fn request_for(server: &S3Server, driver: &str, upgrade: Upgrade) -> InstallRequ
 }
 
 fn ordered(state: State, wait: Duration) -> Upgrade {
-    Upgrade::Controller { order: Some((state, Some(NEW.to_owned()))), unload_wait: wait }
+    Upgrade::Controller { order: Some((state, Some(NEW.to_owned()))), unload_wait: wait, recheck: true }
 }
 
 fn states(reports: &Arc<Mutex<Vec<Report>>>) -> Vec<String> {
@@ -65,7 +68,8 @@ async fn without_an_order_b_is_staged_beside_a_and_an_upgrade_is_asked_for() {
     let (server, _work, host_dir, layout) = serving_a().await;
     let kernel = SimKernel::new(host_dir.path());
     let reports = Arc::new(Mutex::new(Vec::new()));
-    let request = request_for(&server, NEW, Upgrade::Controller { order: None, unload_wait: Duration::ZERO });
+    let request =
+        request_for(&server, NEW, Upgrade::Controller { order: None, unload_wait: Duration::ZERO, recheck: true });
     let marker = install(&layout, &request, &kernel, &Reporter::Record(reports.clone())).await.expect("keeps A");
     assert_eq!(marker.driver_version, DRIVER, "A keeps serving");
     assert!(kernel.calls().is_empty(), "nothing asked of the kernel: {:?}", kernel.calls());
@@ -94,7 +98,8 @@ fn upgrade_seen(layout: &nvidia_contract::layout::Layout) -> Option<(String, Str
 async fn the_ordered_switch_unloads_a_loads_b_from_the_cache_and_reports_done() {
     let (server, _work, host_dir, layout) = serving_a().await;
     // B staged earlier (as the unordered run did); the switch needs no bucket.
-    let stage = request_for(&server, NEW, Upgrade::Controller { order: None, unload_wait: Duration::ZERO });
+    let stage =
+        request_for(&server, NEW, Upgrade::Controller { order: None, unload_wait: Duration::ZERO, recheck: true });
     install(&layout, &stage, &SimKernel::new(host_dir.path()), &Reporter::Log).await.expect("stage B");
     server.log().clear();
     let kernel = SimKernel::new(host_dir.path());
@@ -197,6 +202,7 @@ async fn a_new_target_mid_rollout_keeps_the_controllers_state() {
     let order = Upgrade::Controller {
         order: Some((State::Draining, Some("560.35.03".to_owned()))),
         unload_wait: Duration::from_secs(1),
+        recheck: true,
     };
     let marker = install(&layout, &request_for(&server, NEW, order), &kernel, &Reporter::Record(reports.clone()))
         .await
@@ -206,6 +212,32 @@ async fn a_new_target_mid_rollout_keeps_the_controllers_state() {
     let moved = recorded.iter().find(|r| r.reason.starts_with("upgrade:")).expect("a state");
     assert_eq!((moved.reason.as_str(), moved.driver_version.as_str()), ("upgrade:draining", NEW));
     assert!(kernel.calls().is_empty());
+}
+
+/// A second `helm upgrade` after the node was drained and ordered to switch for another version:
+/// the node switches to the version wanted now, without being drained again.
+#[tokio::test]
+async fn an_ordered_switch_goes_to_the_target_wanted_now() {
+    let (server, _work, host_dir, layout) = serving_a().await;
+    let kernel = SimKernel::new(host_dir.path());
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let order = Upgrade::Controller {
+        order: Some((State::Unloading, Some("560.35.03".to_owned()))),
+        unload_wait: Duration::from_secs(5),
+        recheck: true,
+    };
+    let marker = install(&layout, &request_for(&server, NEW, order), &kernel, &Reporter::Record(reports.clone()))
+        .await
+        .expect("switch");
+    assert_eq!(marker.driver_version, NEW);
+    assert_eq!(loaded_version(host_dir.path()).as_deref(), Some(NEW));
+    let recorded = reports.lock().expect("reports").clone();
+    let moved: Vec<_> = recorded
+        .iter()
+        .filter(|r| r.reason.starts_with("upgrade:"))
+        .map(|r| (r.reason.as_str(), r.driver_version.as_str()))
+        .collect();
+    assert_eq!(moved, [("upgrade:installing", NEW), ("upgrade:validating", NEW), ("upgrade:done", NEW)]);
 }
 
 /// When neither the new driver nor the old one loads again, the node has no working driver: it is
@@ -224,4 +256,101 @@ async fn no_working_driver_keeps_the_node_cordoned() {
     assert!(!states.iter().any(|s| s == "failed" || s == "done"), "{states:?}");
     assert_eq!(states.last().map(String::as_str), Some("installing"), "{states:?}");
     assert!(matches!(ready::check(&layout, None), Readiness::NotReady(_)));
+}
+
+const NODE: &str = "gpu-0";
+const NODE_PATH: &str = "/api/v1/nodes/gpu-0";
+
+/// The node's Node in the loopback API, in upgrade state `state` towards [`NEW`], and a reporter
+/// that talks to it as the installer pod's does.
+async fn node_in_api(dir: &Path, state: &str) -> (ApiServer, Reporter) {
+    let api = ApiServer::start();
+    api.insert(
+        NODE_PATH,
+        json!({"apiVersion": "v1", "kind": "Node",
+               "metadata": {"name": NODE, "labels": {UPGRADE_STATE_LABEL: state}, "annotations": {UPGRADE_TARGET_ANNOTATION: NEW}},
+               "spec": {"unschedulable": true}}),
+    );
+    let kubeconfig = kube::config::Kubeconfig::read_from(api.kubeconfig(dir)).expect("kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+        .await
+        .expect("config");
+    let client = kube::Client::try_from(config).expect("client");
+    (api, Reporter::Kube { client, node: NODE.to_owned() })
+}
+
+fn node_state(api: &ApiServer) -> Option<String> {
+    api.object(NODE_PATH).and_then(|n| n["metadata"]["labels"][UPGRADE_STATE_LABEL].as_str().map(str::to_owned))
+}
+
+/// The upgrade states the node side wrote, with the answer each write got.
+fn state_writes(api: &ApiServer) -> Vec<(String, u16)> {
+    api.writes()
+        .iter()
+        .filter(|w| w.method == "PATCH" && w.path == NODE_PATH)
+        .filter_map(|w| Some((w.body["metadata"]["labels"][UPGRADE_STATE_LABEL].as_str()?.to_owned(), w.status)))
+        .collect()
+}
+
+/// The controller gave the node up (`failed`: it was NotReady past the switch timeout) after this
+/// run read its order: read again just before unloading, the order no longer stands, and A stays.
+#[tokio::test]
+async fn an_order_withdrawn_before_the_unload_is_not_carried_out() {
+    let (server, _work, host_dir, layout) = serving_a().await;
+    let (api, reporter) = node_in_api(host_dir.path(), "failed").await;
+    let kernel = SimKernel::new(host_dir.path());
+    let request = request_for(&server, NEW, ordered(State::Unloading, Duration::from_secs(5)));
+    let marker = install(&layout, &request, &kernel, &reporter).await.expect("A keeps serving");
+    assert_eq!(marker.driver_version, DRIVER);
+    assert!(kernel.calls().is_empty(), "nothing unloaded: {:?}", kernel.calls());
+    assert_eq!(loaded_version(host_dir.path()).as_deref(), Some(DRIVER));
+    assert_eq!(node_state(&api).as_deref(), Some("failed"), "the controller's state stands");
+    assert!(state_writes(&api).is_empty(), "no state written: {:?}", state_writes(&api));
+    assert_eq!(upgrade_seen(&layout), Some(("failed".to_owned(), NEW.to_owned())));
+}
+
+/// The Node changed between the order's read and the write of `installing` (409 Conflict on the
+/// write, which carries the version read): it is read again, the order still stands, the switch
+/// goes on.
+#[tokio::test]
+async fn a_node_changed_meanwhile_is_read_again_before_the_unload() {
+    let (server, _work, host_dir, layout) = serving_a().await;
+    let (api, reporter) = node_in_api(host_dir.path(), "unloading").await;
+    api.fail_next("PATCH", NODE_PATH, 409);
+    let kernel = SimKernel::new(host_dir.path());
+    let request = request_for(&server, NEW, ordered(State::Unloading, Duration::from_secs(5)));
+    let marker = install(&layout, &request, &kernel, &reporter).await.expect("switch");
+    assert_eq!(marker.driver_version, NEW);
+    assert_eq!(
+        state_writes(&api),
+        [
+            ("installing".to_owned(), 409),
+            ("installing".to_owned(), 200),
+            ("validating".to_owned(), 200),
+            ("done".to_owned(), 200)
+        ]
+    );
+    let first = api.writes().into_iter().find(|w| w.method == "PATCH").expect("a patch");
+    assert!(first.body["metadata"]["resourceVersion"].is_string(), "conditional: {}", first.body);
+    assert_eq!(node_state(&api).as_deref(), Some("done"));
+}
+
+/// The Node cannot be read again before the unload: nothing is unloaded, A's ready marker and the
+/// controller's state stay, the node reports A ready, and the run fails (the kubelet runs it again).
+#[tokio::test]
+async fn an_order_that_cannot_be_read_again_leaves_a_serving() {
+    let (server, _work, host_dir, layout) = serving_a().await;
+    let (api, reporter) = node_in_api(host_dir.path(), "unloading").await;
+    api.fail_next("GET", NODE_PATH, 403);
+    let kernel = SimKernel::new(host_dir.path());
+    let request = request_for(&server, NEW, ordered(State::Unloading, Duration::from_secs(5)));
+    let error = install(&layout, &request, &kernel, &reporter).await.expect_err("the run fails");
+    assert!(error.to_string().contains("403") || error.to_string().contains("reading"), "{error}");
+    assert!(kernel.calls().is_empty(), "nothing unloaded: {:?}", kernel.calls());
+    assert!(matches!(ready::check(&layout, Some(DRIVER)), Readiness::Ready(_)), "A's marker stays");
+    assert_eq!(node_state(&api).as_deref(), Some("unloading"));
+    assert!(state_writes(&api).is_empty(), "{:?}", state_writes(&api));
+    let node = api.object(NODE_PATH).expect("node");
+    assert_eq!(node["metadata"]["labels"][DRIVER_READY_LABEL], json!("true"), "{node}");
+    assert_eq!(node["metadata"]["labels"][DRIVER_VERSION_LABEL], json!(DRIVER), "{node}");
 }

@@ -373,6 +373,19 @@ def test_schema_rejects_bad_upgrade_values(bad: dict[str, Any]) -> None:
         render.render_templates(render.merge(yaml.safe_load(REQUIRED.read_text()), bad))
 
 
+@pytest.mark.parametrize(("switch", "unload"), [("5m", "5m"), ("6m", "5m30s"), ("90s", "1m"), ("1m", "0s")])
+def test_a_switch_timeout_not_past_the_unload_wait_does_not_render(switch: str, unload: str) -> None:
+    with pytest.raises(helm.HelmError) as failure:
+        with_values({"upgrade": {"switchTimeout": switch, "unloadWait": unload}})
+    assert f"upgrade.switchTimeout ({switch}) must be longer than upgrade.unloadWait ({unload}) plus a minute" in str(
+        failure.value)
+
+
+def test_a_switch_timeout_past_the_unload_wait_renders() -> None:
+    objs = with_values({"upgrade": {"switchTimeout": "1h", "unloadWait": "58m59s"}})
+    assert flags(controller(objs)["args"])["--switch-timeout"] == "1h"
+
+
 def test_a_zero_interval_does_not_render() -> None:
     with pytest.raises(helm.HelmError) as failure:
         with_values({"upgrade": {"interval": "0s"}})

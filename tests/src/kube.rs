@@ -437,6 +437,16 @@ fn apply(
                 Some("application/merge-patch+json") => json_patch::merge(&mut object, body),
                 other => return status(415, "UnsupportedMediaType", format!("patch type {other:?} not served here")),
             }
+            // A resourceVersion the patch sets is a precondition, as the API server takes it.
+            let have = &current["metadata"]["resourceVersion"];
+            let sent = &object["metadata"]["resourceVersion"];
+            if sent != have {
+                return status(
+                    409,
+                    "Conflict",
+                    format!("the object has been modified: {path} is at {have}, not {sent}"),
+                );
+            }
             object["metadata"]["resourceVersion"] = json!(store.next_version());
             objects.insert(path.to_owned(), object.clone());
             (200, object)
@@ -462,5 +472,20 @@ mod tests {
         assert_eq!(apply(&store, "PUT", &item, None, None, &created).0, 200);
         assert_eq!(apply(&store, "POST", path, None, None, &json!({"metadata": {"name": "s"}})).0, 409);
         assert_eq!(apply(&store, "GET", &format!("{path}/other"), None, None, &Value::Null).0, 404);
+    }
+
+    #[test]
+    fn a_patch_with_a_stale_resource_version_conflicts() {
+        let store = Store::default();
+        let path = "/api/v1/nodes";
+        let (_, created) = apply(&store, "POST", path, None, None, &json!({"metadata": {"name": "n"}}));
+        let item = format!("{path}/n");
+        let merge = Some("application/merge-patch+json");
+        let version = created["metadata"]["resourceVersion"].clone();
+        let patch = json!({"metadata": {"resourceVersion": version, "labels": {"a": "1"}}});
+        assert_eq!(apply(&store, "PATCH", &item, None, merge, &patch).0, 200);
+        let (code, answer) = apply(&store, "PATCH", &item, None, merge, &patch);
+        assert_eq!(code, 409, "the version moved on: {answer}");
+        assert_eq!(apply(&store, "PATCH", &item, None, merge, &json!({"metadata": {"labels": {"b": "2"}}})).0, 200);
     }
 }

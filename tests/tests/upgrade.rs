@@ -281,12 +281,61 @@ fn a_rollout_keeps_to_max_unavailable_through_a_pdb_a_failure_and_a_controller_r
         .unwrap_or_else(|| panic!("an event names the blocking pod: {events:?}\n{logs}"));
     assert!(blocked["note"].as_str().is_some_and(|n| n.contains(&format!("ml/train-{GUARDED}"))), "{blocked}");
     assert_eq!(blocked["regarding"]["name"], json!(GUARDED));
-    let stalled = events
+    let given_up = events
         .iter()
-        .find(|e| e["reason"] == json!("DriverUpgradeStalled"))
+        .find(|e| e["reason"] == json!("DriverUpgradeSkipped"))
         .unwrap_or_else(|| panic!("an event says the lost node was given up: {events:?}\n{logs}"));
-    assert_eq!(stalled["regarding"]["name"], json!(LOST));
-    assert_eq!(stalled["type"], json!("Warning"));
+    assert_eq!(given_up["regarding"]["name"], json!(LOST));
+    assert_eq!(given_up["type"], json!("Warning"));
+    assert!(given_up["note"].as_str().is_some_and(|n| n.contains("NotReady")), "{given_up}");
+    // Every state the controller wrote was conditional on the Node's version it had read.
+    let state_patches: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.path.starts_with("/api/v1/nodes/"))
+        .filter(|r| !r.body["metadata"]["labels"][UPGRADE_STATE_LABEL].is_null())
+        .collect();
+    assert!(!state_patches.is_empty());
+    assert!(state_patches.iter().all(|r| r.body["metadata"]["resourceVersion"].is_string()));
     let started = events.iter().filter(|e| e["reason"] == json!("DriverUpgradeStarted")).count();
     assert!(started >= NODES, "every node's start is recorded ({started})");
+}
+
+/// A node NotReady in `unloading` long past the switch timeout, whose Node changes just as the
+/// controller gives it up (its `failed` is refused with 409 Conflict): nothing else is done on it
+/// that round, and the next round gives it up, says so once, and uncordons it.
+#[test]
+fn a_give_up_the_node_refuses_is_planned_again_from_what_the_node_is_now() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = ApiServer::start();
+    let since = "2026-01-01T00:00:00Z";
+    api.insert(
+        &node_path(LOST),
+        json!({"apiVersion": "v1", "kind": "Node",
+               "metadata": {"name": LOST, "labels": {DRIVER_READY_LABEL: "true", DRIVER_VERSION_LABEL: OLD, UPGRADE_STATE_LABEL: "unloading"},
+                            "annotations": {UPGRADE_TARGET_ANNOTATION: NEW, UPGRADE_SINCE_ANNOTATION: since, UPGRADE_CORDONED_ANNOTATION: "true"}},
+               "spec": {"unschedulable": true}, "status": {"conditions": [{"type": "Ready", "status": "False"}]}}),
+    );
+    api.fail_next("PATCH", &node_path(LOST), 409);
+    let mut controller = controller(&api.kubeconfig(dir.path()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while api.object(&node_path(LOST)).expect("node")["spec"]["unschedulable"] == json!(true) {
+        assert!(Instant::now() < deadline, "the node was not given up and uncordoned");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    controller.kill().expect("kill");
+    let log = controller.wait_with_output().expect("controller");
+    let patches: Vec<_> = api.requests().into_iter().filter(|r| r.method == "PATCH").collect();
+    assert_eq!(patches[0].status, 409, "the first give-up was refused");
+    assert_eq!(patches[1].status, 200);
+    assert_eq!(patches[1].body["metadata"]["labels"][UPGRADE_STATE_LABEL], json!("failed"));
+    assert_eq!(state(&api, LOST).as_deref(), Some("failed"));
+    let events: Vec<Value> = api.objects("/apis/events.k8s.io/v1/namespaces/default/events");
+    let given_up = events.iter().filter(|e| e["reason"] == json!("DriverUpgradeSkipped")).count();
+    assert_eq!(
+        given_up,
+        1,
+        "said once, after the write went through: {events:?}\n{}",
+        String::from_utf8_lossy(&log.stderr)
+    );
 }

@@ -36,6 +36,15 @@ impl Report {
     }
 }
 
+/// The node's upgrade order as read from its Node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Order {
+    pub state: State,
+    pub target: Option<String>,
+    /// The Node's resourceVersion when it was read.
+    pub version: Option<String>,
+}
+
 /// Where reports go.
 #[derive(Clone)]
 pub enum Reporter {
@@ -92,16 +101,35 @@ impl Reporter {
     /// The node's upgrade state and target, as its Node says (`None`: no order, or no API to ask).
     /// An API that cannot be asked fails: acting without the order could undo the controller's.
     pub async fn upgrade_order(&self) -> Result<Option<(State, Option<String>)>> {
+        Ok(self.upgrade_order_at().await?.map(|order| (order.state, order.target)))
+    }
+
+    /// [`Reporter::upgrade_order`], with the Node's `resourceVersion` it was read at.
+    pub async fn upgrade_order_at(&self) -> Result<Option<Order>> {
         let Self::Kube { client, node } = self else { return Ok(None) };
         let nodes: Api<Node> = Api::all(client.clone());
         let found = with_retries("reading the node's upgrade state", node, || nodes.get(node)).await?;
         let view = crate::upgrade::node_view(&found);
-        Ok(view.state.map(|state| (state, view.target)))
+        let version = found.metadata.resource_version.clone();
+        Ok(view.state.map(|state| Order { state, target: view.target, version }))
     }
 
     /// Move the node's upgrade to `state` (towards `target`), with an Event. Fails when the Node
     /// could not be updated (the Event is best effort).
     pub async fn upgrade_state(&self, state: State, target: &str, reason: Option<&str>) -> Result<()> {
+        self.upgrade_state_at(state, target, reason, None).await.map(drop)
+    }
+
+    /// [`Reporter::upgrade_state`], only while the Node is still at `version` (the resourceVersion
+    /// an [`Order`] was read at; `None`: whatever it is at). `Ok(false)`: the Node changed
+    /// meanwhile (409 Conflict) and nothing was written.
+    pub async fn upgrade_state_at(
+        &self,
+        state: State,
+        target: &str,
+        reason: Option<&str>,
+        version: Option<&str>,
+    ) -> Result<bool> {
         match self {
             Self::Log => {
                 info!(%state, target, reason = reason.unwrap_or(""), "upgrade state (no --node-name: node not labelled)")
@@ -119,9 +147,24 @@ impl Reporter {
             Self::Kube { client, node } => {
                 let mut patch = crate::upgrade::controller::state_patch(state, reason);
                 patch["metadata"]["annotations"][UPGRADE_TARGET_ANNOTATION] = json!(target);
+                if let Some(version) = version {
+                    // A precondition: the API server refuses the patch if the Node moved on.
+                    patch["metadata"]["resourceVersion"] = json!(version);
+                }
                 let nodes: Api<Node> = Api::all(client.clone());
                 let (patch, params) = (Patch::Merge(patch), PatchParams::default());
-                with_retries("patching the upgrade state", node, || nodes.patch(node, &params, &patch)).await?;
+                let written = with_retries("patching the upgrade state", node, || async {
+                    match nodes.patch(node, &params, &patch).await {
+                        Ok(_) => Ok(true),
+                        Err(kube::Error::Api(status)) if status.code == 409 && version.is_some() => Ok(false),
+                        Err(error) => Err(error),
+                    }
+                })
+                .await?;
+                if !written {
+                    info!(%state, target, "the node changed since its upgrade state was read; not written");
+                    return Ok(false);
+                }
                 let message = match reason {
                     Some(reason) => format!("driver upgrade to {target}: {state}: {reason}"),
                     None => format!("driver upgrade to {target}: {state}"),
@@ -143,7 +186,7 @@ impl Reporter {
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -202,6 +245,18 @@ where
     }
 }
 
+/// The API server refuses an Event whose note is longer (in bytes).
+const MAX_NOTE_BYTES: usize = 1024;
+
+/// At most `max` bytes of `text`, cut at a character boundary.
+pub fn truncated(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// The Event recorded on the Node.
 pub fn event(node: &str, report: &Report) -> Event {
     let instance = format!("nvidia-installer-{node}");
@@ -220,12 +275,28 @@ pub fn node_event(node: &str, reason: &str, message: &str, warning: bool, action
             ..ObjectReference::default()
         }),
         reason: Some(reason.to_owned()),
-        note: Some(message.chars().take(1000).collect()),
+        note: Some(truncated(message, MAX_NOTE_BYTES).to_owned()),
         type_: Some(if warning { "Warning" } else { "Normal" }.to_owned()),
         action: Some(action.to_owned()),
         event_time: Some(now),
         reporting_controller: Some("gardenlinux.io/nvidia-installer".to_owned()),
         reporting_instance: Some(instance.chars().take(128).collect()),
         ..Event::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notes_are_cut_to_the_api_servers_byte_limit_at_a_character_boundary() {
+        let long = "é".repeat(600);
+        let note = truncated(&long, MAX_NOTE_BYTES);
+        assert_eq!(note.len(), 1024);
+        assert!(truncated(&format!("x{long}"), MAX_NOTE_BYTES).len() == 1023, "no half character");
+        assert_eq!(truncated("short", MAX_NOTE_BYTES), "short");
+        let event = node_event("n", "R", &long, true, "Upgrade", "i");
+        assert!(event.note.is_some_and(|n| n.len() <= MAX_NOTE_BYTES));
     }
 }

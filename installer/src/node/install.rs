@@ -38,7 +38,9 @@ pub enum Upgrade {
     /// Through the upgrade controller: stage beside the loaded driver and ask for an upgrade;
     /// perform the switch when the node's `order` (its upgrade state and target, as read from its
     /// Node) says so. Wait up to `unload_wait` for the old driver to be left alone.
-    Controller { order: Option<(State, Option<String>)>, unload_wait: Duration },
+    /// `recheck`: the order came from the Node (the controller's): read it again just before
+    /// unloading, and go on only if it still stands (not for a switch asked on the command line).
+    Controller { order: Option<(State, Option<String>)>, unload_wait: Duration, recheck: bool },
 }
 
 /// How long the switch waits for processes to let go of the old driver, unless configured.
@@ -51,8 +53,10 @@ const UNLOAD_POLL: Duration = Duration::from_secs(2);
 struct RunFacts {
     /// How long the stage step took.
     stage: Option<Duration>,
-    /// The last upgrade state this run recorded on the Node, with its target.
+    /// The last upgrade state this run recorded on the Node (or read there last), with its target.
     upgrade: Option<(State, String)>,
+    /// While a switch has not unloaded anything yet: the loaded driver, still serving.
+    untouched: Option<String>,
 }
 
 /// Record `state` on the Node (see [`Reporter::upgrade_state`]) and in the run's facts.
@@ -86,6 +90,7 @@ pub async fn install(
         Upgrade::Controller { order: Some((state, target)), .. } => Some((*state, target.clone().unwrap_or_default())),
         _ => None,
     };
+    // What this run saw; nothing when the Node has no upgrade state (its label was removed).
     record.upgrade = facts
         .upgrade
         .or(order)
@@ -166,6 +171,22 @@ async fn install_reported(
                 })
                 .await;
         }
+        Err(error) if facts.untouched.is_some() => {
+            // The switch stopped before it unloaded anything: the loaded driver keeps serving, its
+            // marker stays, and the state is left as the controller set it. The run fails, so the
+            // kubelet runs it again.
+            let loaded = facts.untouched.clone().unwrap_or_default();
+            let message = format!("the switch to {driver} did not start: {error}; driver {loaded} keeps serving");
+            warn!(%message, "switch not started");
+            reporter
+                .report(Report {
+                    ready: true,
+                    driver_version: loaded,
+                    reason: "DriverUpdatePending".to_owned(),
+                    message,
+                })
+                .await;
+        }
         Err(error) => {
             let reason = error.to_string();
             // No driver works on this node now: it stays cordoned (`installing`, the reason
@@ -234,11 +255,13 @@ async fn install_locked(
     if let Some(loaded) = other_loaded(layout, &staged, wanted) {
         return match &request.upgrade {
             Upgrade::Manual => Err(Error::OtherVersionLoaded { loaded, wanted: wanted.clone() }),
-            Upgrade::Controller { order, unload_wait } => {
+            Upgrade::Controller { order, unload_wait, recheck } => {
                 let for_wanted = |target: &Option<String>| target.as_deref() == Some(wanted.as_str());
                 match order {
-                    Some((State::Unloading | State::Installing | State::Validating, target)) if for_wanted(target) => {
-                        switch(layout, request, (kernel, reporter, facts), &loaded, *unload_wait).await
+                    // The node is drained and the switch ordered: it goes to the wanted driver,
+                    // also when a second `helm upgrade` moved the target since the order.
+                    Some((State::Unloading | State::Installing | State::Validating, _)) => {
+                        switch(layout, request, (kernel, reporter, facts), &loaded, (*unload_wait, *recheck)).await
                     }
                     Some((State::Failed, target)) if for_wanted(target) => Err(Error::KeptLoaded {
                         loaded,
@@ -352,8 +375,9 @@ async fn switch(
     request: &InstallRequest,
     (kernel, reporter, facts): (&dyn Kernel, &Reporter, &mut RunFacts),
     loaded: &str,
-    unload_wait: Duration,
+    (unload_wait, recheck): (Duration, bool),
 ) -> Result<ReadyMarker> {
+    facts.untouched = Some(loaded.to_owned());
     let wanted = &request.stage.driver_version;
     let kept = |state: Option<State>, reason: String| Error::KeptLoaded {
         loaded: loaded.to_owned(),
@@ -379,19 +403,18 @@ async fn switch(
         }
         tokio::time::sleep(UNLOAD_POLL.min(unload_wait)).await;
     }
-    // The controller may have given the node up while this waited (its switch timeout): only an
-    // order that still stands is carried out.
-    if let Some((state, target)) = reporter.upgrade_order().await?
-        && !(matches!(state, State::Unloading | State::Installing | State::Validating)
-            && target.as_deref() == Some(wanted.as_str()))
-    {
-        return Err(kept(
-            None,
-            format!("the order to switch to {wanted} was withdrawn while waiting (the node is now {state})"),
-        ));
+    if recheck {
+        confirm_order(reporter, facts, wanted).await.map_err(|withdrawn| match withdrawn {
+            Withdrawn::To(state) => {
+                kept(None, format!("the order to switch was withdrawn while waiting (the node is now {state})"))
+            }
+            Withdrawn::Failed(error) => error,
+        })?;
+    } else {
+        set_state(reporter, facts, State::Installing, wanted, None).await?;
     }
     info!(%loaded, %wanted, "unloading the old driver");
-    set_state(reporter, facts, State::Installing, wanted, None).await?;
+    facts.untouched = None;
     ready::remove_marker(layout)?;
     let mut previous = request.clone();
     previous.stage.driver_version = loaded.to_owned();
@@ -433,6 +456,45 @@ async fn switch(
             }
         }
     }
+}
+
+/// Why a switch did not start.
+enum Withdrawn {
+    /// The controller moved the node to this state meanwhile (it gave the node up).
+    To(State),
+    Failed(Error),
+}
+
+/// Writes of `installing` refused because the Node changed meanwhile, before giving up the run.
+const CONFIRM_ATTEMPTS: u32 = 5;
+
+/// Read the node's order again and record `installing` only while it still stands: the write
+/// carries the resourceVersion read, so a controller that gave the node up in between (or any other
+/// change to the Node) makes it fail, and the order is read again.
+async fn confirm_order(reporter: &Reporter, facts: &mut RunFacts, wanted: &str) -> std::result::Result<(), Withdrawn> {
+    for _ in 0..CONFIRM_ATTEMPTS {
+        let Some(order) = reporter.upgrade_order_at().await.map_err(Withdrawn::Failed)? else {
+            // No API to ask (no --node-name): nothing but this run orders the switch.
+            return set_state(reporter, facts, State::Installing, wanted, None).await.map_err(Withdrawn::Failed);
+        };
+        if !matches!(order.state, State::Unloading | State::Installing | State::Validating) {
+            facts.upgrade = Some((order.state, order.target.unwrap_or_default()));
+            return Err(Withdrawn::To(order.state));
+        }
+        let written = reporter
+            .upgrade_state_at(State::Installing, wanted, None, order.version.as_deref())
+            .await
+            .map_err(Withdrawn::Failed)?;
+        if written {
+            facts.upgrade = Some((State::Installing, wanted.to_owned()));
+            return Ok(());
+        }
+    }
+    Err(Withdrawn::Failed(Error::Upgrade {
+        reason: format!(
+            "the Node changed {CONFIRM_ATTEMPTS} times while recording `installing`; nothing was unloaded, trying again"
+        ),
+    }))
 }
 
 /// Load `previous` (the driver that was loaded) again from the cache.

@@ -41,8 +41,8 @@ pub struct RunRecord {
     /// The stage step's part of `duration_seconds` (absent: the run failed before staging ended).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage_duration_seconds: Option<f64>,
-    /// The node's driver upgrade as the node side last saw it: the state it recorded on the Node,
-    /// or else the order it read there; kept from run to run until either changes.
+    /// The node's driver upgrade as the run saw it: the state it recorded on the Node last, or
+    /// else the order it read there (none: no upgrade state on the Node, or none read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade: Option<UpgradeSeen>,
     #[serde(default)]
@@ -73,8 +73,7 @@ pub fn read_record(layout: &Layout) -> Option<RunRecord> {
 }
 
 /// Record a finished `install` run: its figures, added to the totals of the runs before (its own
-/// `totals` and `finished_at` are filled in here), and the upgrade state of the run before when
-/// this one saw none.
+/// `totals` and `finished_at` are filled in here).
 pub fn record_run(layout: &Layout, mut record: RunRecord) -> Result<RunRecord> {
     let previous = read_record(layout);
     let mut totals = previous.as_ref().map(|r| r.totals.clone()).unwrap_or_default();
@@ -88,9 +87,6 @@ pub fn record_run(layout: &Layout, mut record: RunRecord) -> Result<RunRecord> {
     totals.throttled += record.throttled;
     record.totals = totals;
     record.finished_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    if record.upgrade.is_none() {
-        record.upgrade = previous.and_then(|p| p.upgrade);
-    }
     let bytes = serde_json::to_vec_pretty(&record)
         .map_err(|e| Error::Encode { what: "the run record", reason: e.to_string() })?;
     write_atomic(&layout.last_run(), &bytes)?;
@@ -228,7 +224,7 @@ pub fn render(status: &Status, record: Option<&RunRecord>) -> String {
         text.metric(
             "nvidia_installer_upgrade_state_info",
             "gauge",
-            "The node's driver upgrade as the node side last saw it (the state it recorded, or the order it read), with the target version",
+            "The node's driver upgrade as the last install run saw it (the state it recorded last, or the order it read), with the target version",
             &upgrade,
         );
         text.metric(
@@ -290,6 +286,13 @@ pub async fn serve(listen: SocketAddr, layout: Layout, pin: Option<String>) -> R
         .await
         .map_err(|e| Error::io("listening for metrics on", Path::new(&listen.to_string()), e))?;
     info!(%listen, "serving metrics at /metrics");
+    serve_on(listener, layout, pin).await
+}
+
+/// [`serve`] on a bound listener. A connection that sends no whole request head within 5 s is
+/// closed, and none stays longer than 10 s, so idle or slow clients hold a slot only that long;
+/// a scrape queued behind them in the kernel's backlog is answered next.
+pub async fn serve_on(listener: tokio::net::TcpListener, layout: Layout, pin: Option<String>) -> Result<()> {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let state = Arc::new((layout, pin));
     loop {
@@ -383,22 +386,24 @@ mod tests {
         let layout = Layout::new(dir.path(), "/opt/nvidia-installer");
         std::fs::create_dir_all(layout.root()).expect("root");
         let s3 = ThrottleStats { retries: 2, throttled: 1, limit: 4, received_bytes: 1000 };
-        let mut first = run_record(false, Duration::from_secs(3), ("1.0", "6.1"), s3);
-        first.upgrade = Some(UpgradeSeen { state: "failed".into(), target: "1.0".into() });
-        record_run(&layout, first).expect("first");
+        record_run(&layout, run_record(false, Duration::from_secs(3), ("1.0", "6.1"), s3)).expect("first");
         let mut second = run_record(true, Duration::from_millis(1500), ("1.0", "6.1"), ThrottleStats::default());
         second.stage_duration_seconds = Some(0.25);
+        second.upgrade = Some(UpgradeSeen { state: "failed".into(), target: "1.0\"}".into() });
         let record = record_run(&layout, second).expect("second");
         assert_eq!(read_record(&layout), Some(record.clone()));
         assert_eq!(record.totals, Totals { succeeded: 1, failed: 1, downloaded_bytes: 1000, retries: 2, throttled: 1 });
-        assert_eq!(
-            record.upgrade,
-            Some(UpgradeSeen { state: "failed".into(), target: "1.0".into() }),
-            "a run that saw no upgrade keeps what the one before saw"
-        );
         let text = render(&status(true), Some(&record));
         assert!(text.contains("nvidia_installer_last_stage_duration_seconds 0.25\n"), "{text}");
-        assert!(text.contains("nvidia_installer_upgrade_state_info{state=\"failed\",target=\"1.0\"} 1\n"), "{text}");
+        assert!(
+            text.contains("nvidia_installer_upgrade_state_info{state=\"failed\",target=\"1.0\\\"}\"} 1\n"),
+            "the target is escaped: {text}"
+        );
+        // A run that saw no upgrade state and did not stage: no samples, the families still declared.
+        let empty = render(&status(true), Some(&run_record(false, Duration::ZERO, ("1.0", "6.1"), s3)));
+        assert!(!empty.contains("\nnvidia_installer_upgrade_state_info{"), "{empty}");
+        assert!(!empty.contains("\nnvidia_installer_last_stage_duration_seconds "), "{empty}");
+        assert!(empty.contains("# TYPE nvidia_installer_upgrade_state_info gauge\n"), "{empty}");
         assert!(text.contains("nvidia_installer_installs_total{outcome=\"success\"} 1\n"), "{text}");
         assert!(text.contains("nvidia_installer_installs_total{outcome=\"failure\"} 1\n"), "{text}");
         assert!(text.contains("nvidia_installer_s3_downloaded_bytes_total 1000\n"), "{text}");
@@ -433,5 +438,37 @@ mod tests {
             .map(str::to_owned)
             .collect();
         assert_eq!(documented, exposed);
+    }
+
+    /// Every slot held by a client that sends nothing: a scrape still gets its answer once the
+    /// idle ones are cut, and they are.
+    #[tokio::test]
+    async fn idle_clients_cannot_keep_a_scrape_out() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let layout = Layout::new(dir.path(), "/opt/nvidia-installer");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(serve_on(listener, layout, None));
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(tokio::net::TcpStream::connect(address).await.expect("connect"));
+        }
+        let scrape = async {
+            let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect");
+            stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n").await.expect("ask");
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await.expect("answer");
+            answer
+        };
+        // Generous: the idle clients are cut after 5 s.
+        let answer = tokio::time::timeout(Duration::from_secs(30), scrape).await.expect("the scrape was answered");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("\nnvidia_installer_driver_ready 0\n"), "{answer}");
+        for mut stream in idle {
+            let mut byte = [0u8; 1];
+            let read = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut byte)).await;
+            assert!(matches!(read, Ok(Ok(0) | Err(_))), "the server closed the idle connection: {read:?}");
+        }
     }
 }

@@ -88,6 +88,14 @@ impl Controller {
             .await
             .map_err(|e| api_error("listing the GPU nodes", "", e))?;
         let views: Vec<_> = listed.items.iter().map(node_view).collect();
+        // Every Node write is conditional on the version this round planned from (and then on
+        // the version the write before it left): one the node side changed meanwhile is refused
+        // and looked at again next round.
+        let mut versions: HashMap<String, String> = listed
+            .items
+            .iter()
+            .filter_map(|n| Some((n.metadata.name.clone()?, n.metadata.resource_version.clone()?)))
+            .collect();
         let mut pods = Vec::new();
         // Nodes whose pods could not be listed: nothing is done on them this round (an empty list
         // would read as a drained node), the others go on.
@@ -111,49 +119,65 @@ impl Controller {
         }
         let mut actions = plan::plan(&views, &pods, &self.config.policy, SystemTime::now());
         actions.retain(|action| !unknown.contains(action.node()));
+        // A node's steps follow one another (cordon, then `cordoned`): after one fails, the rest
+        // of that node's steps wait for the next round.
+        let mut failed = HashSet::new();
         for action in actions {
-            match tokio::time::timeout(STEP_TIMEOUT, self.perform(&action)).await {
-                Ok(Ok(())) => {}
+            if failed.contains(action.node()) {
+                continue;
+            }
+            match tokio::time::timeout(STEP_TIMEOUT, self.perform(&action, &mut versions)).await {
+                Ok(Ok(())) => continue,
                 Ok(Err(error)) => warn!(%error, ?action, "upgrade step failed; retried next round"),
                 Err(_) => warn!(?action, "upgrade step took too long; retried next round"),
             }
+            failed.insert(action.node().to_owned());
         }
         Ok(())
     }
 
-    async fn perform(&mut self, action: &Action) -> Result<()> {
+    /// A merge patch on `node`, conditional on the version in `versions` (updated on success).
+    async fn patch_node(
+        &self,
+        versions: &mut HashMap<String, String>,
+        node: &str,
+        mut patch: serde_json::Value,
+    ) -> Result<()> {
+        if let Some(version) = versions.get(node) {
+            patch["metadata"]["resourceVersion"] = json!(version);
+        }
         let nodes: Api<Node> = Api::all(self.client.clone());
-        let patch_node = |node: &str, patch: serde_json::Value| {
-            let nodes = nodes.clone();
-            let node = node.to_owned();
-            async move {
-                nodes
-                    .patch(&node, &PatchParams::default(), &Patch::Merge(patch))
-                    .await
-                    .map(drop)
-                    .map_err(|e| api_error("patching", &node, e))
+        match nodes.patch(node, &PatchParams::default(), &Patch::Merge(patch)).await {
+            Ok(patched) => {
+                match patched.metadata.resource_version {
+                    Some(version) => versions.insert(node.to_owned(), version),
+                    None => versions.remove(node),
+                };
+                Ok(())
             }
-        };
+            Err(kube::Error::Api(status)) if status.code == 409 => Err(Error::Node {
+                node: node.to_owned(),
+                reason: "the Node changed since this round read it; planned again next round".to_owned(),
+            }),
+            Err(e) => Err(api_error("patching", node, e)),
+        }
+    }
+
+    async fn perform(&mut self, action: &Action, versions: &mut HashMap<String, String>) -> Result<()> {
         match action {
             Action::Cordon { node } => {
                 info!(node, "cordoning for the driver upgrade");
-                patch_node(
-                    node,
-                    json!({"spec": {"unschedulable": true}, "metadata": {"annotations": {UPGRADE_CORDONED_ANNOTATION: "true"}}}),
-                )
-                .await
+                let patch = json!({"spec": {"unschedulable": true}, "metadata": {"annotations": {UPGRADE_CORDONED_ANNOTATION: "true"}}});
+                self.patch_node(versions, node, patch).await
             }
             Action::Uncordon { node } => {
                 info!(node, "uncordoning after the driver upgrade");
-                patch_node(
-                    node,
-                    json!({"spec": {"unschedulable": false}, "metadata": {"annotations": {UPGRADE_CORDONED_ANNOTATION: null}}}),
-                )
-                .await
+                let patch = json!({"spec": {"unschedulable": false}, "metadata": {"annotations": {UPGRADE_CORDONED_ANNOTATION: null}}});
+                self.patch_node(versions, node, patch).await
             }
             Action::SetState { node, state, reason } => {
                 info!(node, %state, reason = reason.as_deref().unwrap_or(""), "upgrade state");
-                patch_node(node, state_patch(*state, reason.as_deref())).await
+                self.patch_node(versions, node, state_patch(*state, reason.as_deref())).await
             }
             Action::Evict { namespace, pod, node } => {
                 let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);

@@ -189,6 +189,12 @@ pub fn pod_view(pod: &Pod, patterns: &[String], namespace: &str, installer: &[(S
         terminating: pod.metadata.deletion_timestamp.is_some(),
         daemon,
         created: pod.metadata.creation_timestamp.as_ref().and_then(|t| time_of(&t.0.to_string())),
+        initialized: pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == "Initialized"))
+            .is_some_and(|c| c.status == "True"),
     })
 }
 

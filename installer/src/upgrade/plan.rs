@@ -40,6 +40,8 @@ pub struct PodView {
     /// so it is not waited for; if it holds the driver, the switch names it.
     pub daemon: bool,
     pub created: Option<SystemTime>,
+    /// Its init containers have finished (for an installer pod: its install step has run).
+    pub initialized: bool,
 }
 
 /// One step for the controller to take.
@@ -161,7 +163,9 @@ pub fn plan(nodes: &[NodeView], pods: &[PodView], policy: &Policy, now: SystemTi
                     }
                 }
                 if let Some(stalled) = stalled_for(node, policy, now) {
-                    unloading_stalled(node, &installers, &stalled, &mut actions);
+                    let long_past =
+                        stalled_for(node, &Policy { switch_timeout: 2 * policy.switch_timeout, ..*policy }, now);
+                    unloading_stalled(node, &installers, (&stalled, long_past.is_some()), &mut actions);
                 }
             }
             Some(state @ (State::Installing | State::Validating)) => {
@@ -169,7 +173,12 @@ pub fn plan(nodes: &[NodeView], pods: &[PodView], policy: &Policy, now: SystemTi
                     // The old driver may be unloaded already: the node stays cordoned and keeps its
                     // slot (the rollout waits rather than take more nodes into a switch that fails).
                     let readiness = if node.ready { "" } else { "; the node is NotReady" };
-                    let why = node.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default();
+                    // The node side wrote the reason: capped, so the Event keeps its own words.
+                    let why = node
+                        .reason
+                        .as_deref()
+                        .map(|r| format!(" ({})", crate::node::api::truncated(r, MAX_REASON_BYTES)))
+                        .unwrap_or_default();
                     actions.push(Action::Event {
                         node: node.name.clone(),
                         reason: "DriverUpgradeStalled".to_owned(),
@@ -216,15 +225,31 @@ fn stalled_for(node: &NodeView, policy: &Policy, now: SystemTime) -> Option<Stri
         .then(|| humantime::format_duration(Duration::from_secs(waited.as_secs())).to_string())
 }
 
+/// How much of a reason the node side wrote goes into an Event of the controller's.
+const MAX_REASON_BYTES: usize = 300;
+
 /// A node ordered to switch that has not started within the switch timeout. Nothing has been
-/// unloaded yet (the node side writes `installing` first), so a node whose switch nobody can
-/// perform (NotReady, or no installer pod on it) is given up: `failed`, then uncordoned with its
-/// driver, and its slot goes to the next node. A node whose installer pod is there is waited for.
-fn unloading_stalled(node: &NodeView, installers: &[&PodView], stalled: &str, actions: &mut Vec<Action>) {
+/// unloaded yet: the node side records `installing` first, and only while the Node is still at the
+/// version it read `unloading` at, and the controller's `failed` is written on the same condition,
+/// so whichever comes second is refused. A node whose switch nobody performs (NotReady, no
+/// installer pod on it, its installer pod's install step over, or twice the switch timeout gone)
+/// is given up: `failed`, then uncordoned with its driver, and its slot goes to the next node. A
+/// node whose installer pod is still in its install step is warned about first.
+fn unloading_stalled(
+    node: &NodeView,
+    installers: &[&PodView],
+    (stalled, long_past): (&str, bool),
+    actions: &mut Vec<Action>,
+) {
+    let names = installers.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect::<Vec<_>>().join(", ");
     let gone = if !node.ready {
         Some("the node is NotReady".to_owned())
     } else if installers.is_empty() {
         Some("no installer pod runs on it (is the DaemonSet's node selector or affinity still matching?)".to_owned())
+    } else if installers.iter().all(|p| p.initialized) {
+        Some(format!("the install step of {names} ended without switching (its log says why)"))
+    } else if long_past {
+        Some(format!("the installer pod {names} has not started it"))
     } else {
         None
     };
@@ -232,15 +257,14 @@ fn unloading_stalled(node: &NodeView, installers: &[&PodView], stalled: &str, ac
         Some(why) => {
             let reason = format!("the switch was not performed within {stalled}: {why}");
             let then = "the node keeps the driver it has, is uncordoned, and the rollout goes on without it";
-            give_up(node, "DriverUpgradeStalled", reason, then, actions);
+            give_up(node, "DriverUpgradeSkipped", reason, then, actions);
         }
         None => {
-            let names = installers.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect::<Vec<_>>().join(", ");
             actions.push(Action::Event {
                 node: node.name.clone(),
                 reason: "DriverUpgradeStalled".to_owned(),
                 message: format!(
-                    "still unloading after {stalled}: the installer pod {names} has not started the switch (it waits up to its --unload-wait for processes holding the driver; its log names them)"
+                    "still unloading after {stalled}: the installer pod {names} has not started the switch (it waits up to its --unload-wait for processes holding the driver; its log names them); the node is given up at twice the switch timeout"
                 ),
                 warning: true,
             });
@@ -251,13 +275,10 @@ fn unloading_stalled(node: &NodeView, installers: &[&PodView], stalled: &str, ac
 /// Give the node's upgrade up: `failed` with `reason` (the controller uncordons it next round),
 /// and a Warning Event saying so and what follows (`then`).
 fn give_up(node: &NodeView, event: &str, reason: String, then: &str, actions: &mut Vec<Action>) {
-    actions.push(Action::Event {
-        node: node.name.clone(),
-        reason: event.to_owned(),
-        message: format!("{reason}; {then}"),
-        warning: true,
-    });
+    let message = format!("{reason}; {then}");
     actions.push(Action::SetState { node: node.name.clone(), state: State::Failed, reason: Some(reason) });
+    // After the state: a write the Node refuses (it changed meanwhile) leaves no Event behind.
+    actions.push(Action::Event { node: node.name.clone(), reason: event.to_owned(), message, warning: true });
 }
 
 /// A draining node: evict its GPU pods; once none is left, order the switch.
@@ -350,6 +371,7 @@ mod tests {
             terminating: false,
             daemon: false,
             created: Some(SystemTime::UNIX_EPOCH),
+            initialized: false,
         }
     }
 
@@ -499,7 +521,7 @@ mod tests {
         assert!(
             after
                 .iter()
-                .any(|a| matches!(a, Action::Event { reason, warning: true, .. } if reason == "DriverUpgradeStalled"))
+                .any(|a| matches!(a, Action::Event { reason, warning: true, .. } if reason == "DriverUpgradeSkipped"))
         );
         // Failed, then uncordoned the next round, and its slot goes to the next node.
         lost.state = Some(State::Failed);
@@ -514,13 +536,56 @@ mod tests {
             actions.iter().any(|a| matches!(a, Action::SetState { state: State::Failed, reason: Some(r), .. } if r.contains("no installer pod"))),
             "{actions:?}"
         );
-        // Ready with its installer pod (waiting for a process to let go): warned about, not given up.
+        // Ready with its installer pod still in its install step (waiting for a process to let
+        // go): warned about, given up only at twice the switch timeout.
         let mut installer = pod("inst", "c", false, true);
         installer.created = Some(at(1001));
-        let actions = plan(&[orphan], &[installer], &pol, at(1000 + 900));
+        let actions = plan(std::slice::from_ref(&orphan), std::slice::from_ref(&installer), &pol, at(1000 + 900));
         assert!(!actions.iter().any(|a| matches!(a, Action::SetState { .. })), "{actions:?}");
         assert!(actions.iter().any(|a| matches!(a, Action::Event { reason, message, .. }
             if reason == "DriverUpgradeStalled" && message.contains("ml/inst"))));
+        let actions = plan(std::slice::from_ref(&orphan), std::slice::from_ref(&installer), &pol, at(1000 + 1800));
+        assert!(
+            actions.iter().any(|a| matches!(a, Action::SetState { state: State::Failed, reason: Some(r), .. }
+                if r.contains("has not started it") && r.contains("30m"))),
+            "{actions:?}"
+        );
+        // Its install step over without switching (its order read as something else): given up.
+        installer.initialized = true;
+        let actions = plan(std::slice::from_ref(&orphan), &[installer.clone()], &pol, at(1000 + 900));
+        assert!(
+            actions.iter().any(|a| matches!(a, Action::SetState { state: State::Failed, reason: Some(r), .. }
+                if r.contains("ended without switching"))),
+            "{actions:?}"
+        );
+        // NotReady with its installer pod still there: given up too (nothing was unloaded).
+        let mut gone = orphan.clone();
+        gone.ready = false;
+        installer.initialized = false;
+        let actions = plan(&[gone], &[installer], &pol, at(1000 + 900));
+        assert!(actions.iter().any(|a| matches!(a, Action::SetState { state: State::Failed, .. })), "{actions:?}");
+    }
+
+    #[test]
+    fn a_node_without_a_readable_since_or_one_ahead_of_the_clock_is_not_timed_out() {
+        let pol = policy(MaxUnavailable::Count(1), DrainPolicy::Wait);
+        let mut unknown = node("a", Some(State::Unloading));
+        unknown.ready = false;
+        unknown.since = None;
+        assert!(plan(std::slice::from_ref(&unknown), &[], &pol, at(1_000_000)).is_empty());
+        unknown.since = Some(at(5000));
+        assert!(plan(&[unknown], &[], &pol, at(1000)).is_empty(), "a since in the future");
+    }
+
+    #[test]
+    fn the_node_sides_reason_is_capped_in_the_controllers_event() {
+        let pol = policy(MaxUnavailable::Count(1), DrainPolicy::Wait);
+        let mut stuck = node("a", Some(State::Validating));
+        stuck.reason = Some("é".repeat(2000));
+        let actions = plan(&[stuck], &[], &pol, at(1000 + 900));
+        let Some(Action::Event { message, .. }) = actions.first() else { panic!("{actions:?}") };
+        assert!(message.len() < 600, "{}", message.len());
+        assert!(message.ends_with("(its log says why)"), "the controller's own words stay: {message}");
     }
 
     #[test]
@@ -543,7 +608,11 @@ mod tests {
     fn every_action_names_its_node() {
         let actions = [
             Action::Cordon { node: "a".into() },
+            Action::Uncordon { node: "a".into() },
+            Action::SetState { node: "a".into(), state: State::Done, reason: None },
             Action::Evict { namespace: "n".into(), pod: "p".into(), node: "a".into() },
+            Action::Delete { namespace: "n".into(), pod: "p".into(), node: "a".into() },
+            Action::RestartInstaller { namespace: "n".into(), pod: "p".into(), node: "a".into() },
             Action::Event { node: "a".into(), reason: String::new(), message: String::new(), warning: false },
         ];
         assert!(actions.iter().all(|a| a.node() == "a"));
