@@ -18,7 +18,7 @@ use nvidia_installer::node::install::{InstallRequest, Upgrade, install};
 use nvidia_installer::node::metrics;
 use nvidia_installer::node::ready::{self, Readiness};
 use nvidia_installer::upgrade::State;
-use serde_json::json;
+use serde_json::{Value, json};
 
 const NEW: &str = "550.163.01";
 const MODULES: [&str; 3] = ["nvidia", "nvidia-uvm", "nvidia-modeset"];
@@ -316,7 +316,10 @@ async fn an_order_withdrawn_before_the_unload_is_not_carried_out() {
 async fn a_node_changed_meanwhile_is_read_again_before_the_unload() {
     let (server, _work, host_dir, layout) = serving_a().await;
     let (api, reporter) = node_in_api(host_dir.path(), "unloading").await;
-    api.fail_next("PATCH", NODE_PATH, 409);
+    // Another writer (the kubelet, say) changes the Node right after the node side reads it.
+    api.change_after_next("GET", NODE_PATH, NODE_PATH, |node| {
+        node["metadata"]["labels"]["example.com/other"] = json!("changed");
+    });
     let kernel = SimKernel::new(host_dir.path());
     let request = request_for(&server, NEW, ordered(State::Unloading, Duration::from_secs(5)));
     let marker = install(&layout, &request, &kernel, &reporter).await.expect("switch");
@@ -330,9 +333,61 @@ async fn a_node_changed_meanwhile_is_read_again_before_the_unload() {
             ("done".to_owned(), 200)
         ]
     );
-    let first = api.writes().into_iter().find(|w| w.method == "PATCH").expect("a patch");
-    assert!(first.body["metadata"]["resourceVersion"].is_string(), "conditional: {}", first.body);
+    let versions: Vec<Value> = api
+        .writes()
+        .into_iter()
+        .filter(|w| w.method == "PATCH" && !w.body["metadata"]["labels"][UPGRADE_STATE_LABEL].is_null())
+        .take(2)
+        .map(|w| w.body["metadata"]["resourceVersion"].clone())
+        .collect();
+    assert!(versions.iter().all(Value::is_string), "both writes are conditional: {versions:?}");
+    assert_ne!(versions[0], versions[1], "the second carries the version read again");
     assert_eq!(node_state(&api).as_deref(), Some("done"));
+}
+
+/// The controller gives the node up (`failed`) between the node side's read of its order and its
+/// write of `installing`: the write is refused, the order read again is gone, and A stays.
+#[tokio::test]
+async fn a_give_up_between_the_read_and_the_write_keeps_a() {
+    let (server, _work, host_dir, layout) = serving_a().await;
+    let (api, reporter) = node_in_api(host_dir.path(), "unloading").await;
+    api.change_after_next("GET", NODE_PATH, NODE_PATH, |node| {
+        node["metadata"]["labels"][UPGRADE_STATE_LABEL] = json!("failed");
+        node["spec"]["unschedulable"] = json!(false);
+    });
+    let kernel = SimKernel::new(host_dir.path());
+    let request = request_for(&server, NEW, ordered(State::Unloading, Duration::from_secs(5)));
+    let marker = install(&layout, &request, &kernel, &reporter).await.expect("A keeps serving");
+    assert_eq!(marker.driver_version, DRIVER);
+    assert!(kernel.calls().is_empty(), "nothing unloaded: {:?}", kernel.calls());
+    assert_eq!(state_writes(&api), [("installing".to_owned(), 409)], "refused, and not tried again");
+    assert_eq!(node_state(&api).as_deref(), Some("failed"), "the controller's state stands");
+    assert!(matches!(ready::check(&layout, Some(DRIVER)), Readiness::Ready(_)));
+}
+
+/// The new driver cannot be staged (not in the bucket) while the controller drains the node: A
+/// keeps serving with its marker, the controller's state is not written over, and the run fails
+/// (the kubelet runs it again).
+#[tokio::test]
+async fn a_new_driver_that_cannot_be_staged_leaves_a_serving_and_the_state_alone() {
+    let (server, _work, host_dir, layout) = serving_a().await;
+    let kernel = SimKernel::new(host_dir.path());
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let missing = "560.35.03";
+    let order = Upgrade::Controller {
+        order: Some((State::Draining, Some(missing.to_owned()))),
+        unload_wait: Duration::from_secs(1),
+        recheck: true,
+    };
+    let error = install(&layout, &request_for(&server, missing, order), &kernel, &Reporter::Record(reports.clone()))
+        .await
+        .expect_err("nothing to stage");
+    assert!(error.to_string().contains(missing), "{error}");
+    assert!(kernel.calls().is_empty());
+    assert!(states(&reports).is_empty(), "{:?}", states(&reports));
+    assert!(matches!(ready::check(&layout, Some(DRIVER)), Readiness::Ready(_)), "A's marker stays");
+    let reported = reports.lock().expect("reports").last().cloned().expect("a report");
+    assert!(reported.ready && reported.driver_version == DRIVER, "{reported:?}");
 }
 
 /// The Node cannot be read again before the unload: nothing is unloaded, A's ready marker and the

@@ -54,6 +54,9 @@ struct Store {
     requests: Mutex<Vec<ApiRequest>>,
     /// (method, path, status): the next matching request is answered with that status.
     faults: Mutex<VecDeque<Fault>>,
+    /// (method, path, object path, change): once the next matching request is answered, the
+    /// object is changed, as another writer would between that read and the client's next write.
+    changes: Mutex<Vec<Change>>,
     /// Admission: applied to every created object whose collection path ends with the suffix, as
     /// the API server calls a mutating webhook before it stores (or, on a dry run, only answers).
     admission: Mutex<Vec<(String, Admission)>>,
@@ -61,6 +64,9 @@ struct Store {
 
 /// (method, path, status, message): answer the next matching request with that status.
 type Fault = (String, String, u16, Option<String>);
+
+/// (method, path, object path, change): see [`ApiServer::change_after_next`].
+type Change = (String, String, String, Arc<dyn Fn(&mut Value) + Send + Sync>);
 
 /// A mutating admission step: the object as sent, the object to store.
 pub type Admission = Arc<dyn Fn(Value) -> Value + Send + Sync>;
@@ -197,6 +203,19 @@ impl ApiServer {
     pub fn fail_next_with(&self, method: &str, path: &str, status: u16, message: &str) {
         lock(&self.store.faults).push_back((method.to_owned(), path.to_owned(), status, Some(message.to_owned())));
     }
+
+    /// Once the next `method` request on `path` is answered, change the object at `object` with
+    /// `change` (and give it a new resourceVersion), as another client writing between that read
+    /// and the reader's next write does.
+    pub fn change_after_next(
+        &self,
+        method: &str,
+        path: &str,
+        object: &str,
+        change: impl Fn(&mut Value) + Send + Sync + 'static,
+    ) {
+        lock(&self.store.changes).push((method.to_owned(), path.to_owned(), object.to_owned(), Arc::new(change)));
+    }
 }
 
 impl Drop for ApiServer {
@@ -265,6 +284,17 @@ async fn handle(store: &Store, bearer: &str, request: Request<hyper::body::Incom
             apply(store, &method, &path, query.as_deref(), content_type.as_deref(), &body)
         }
     };
+    let change = {
+        let mut changes = lock(&store.changes);
+        let at = changes.iter().position(|(m, p, _, _)| *m == method && *p == path);
+        at.map(|at| changes.remove(at))
+    };
+    if let Some((_, _, object, change)) = change
+        && let Some(stored) = lock(&store.objects).get_mut(&object)
+    {
+        change(stored);
+        stored["metadata"]["resourceVersion"] = json!(store.next_version());
+    }
     lock(&store.requests).push(ApiRequest { method, path, query, content_type, body, status });
     Response::builder()
         .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))

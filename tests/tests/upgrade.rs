@@ -301,8 +301,8 @@ fn a_rollout_keeps_to_max_unavailable_through_a_pdb_a_failure_and_a_controller_r
     assert!(started >= NODES, "every node's start is recorded ({started})");
 }
 
-/// A node NotReady in `unloading` long past the switch timeout, whose Node changes just as the
-/// controller gives it up (its `failed` is refused with 409 Conflict): nothing else is done on it
+/// A node NotReady in `unloading` long past the switch timeout, whose Node changes between the
+/// controller's list and its give-up (its `failed` is refused with 409 Conflict): nothing else is done on it
 /// that round, and the next round gives it up, says so once, and uncordons it.
 #[test]
 fn a_give_up_the_node_refuses_is_planned_again_from_what_the_node_is_now() {
@@ -316,7 +316,10 @@ fn a_give_up_the_node_refuses_is_planned_again_from_what_the_node_is_now() {
                             "annotations": {UPGRADE_TARGET_ANNOTATION: NEW, UPGRADE_SINCE_ANNOTATION: since, UPGRADE_CORDONED_ANNOTATION: "true"}},
                "spec": {"unschedulable": true}, "status": {"conditions": [{"type": "Ready", "status": "False"}]}}),
     );
-    api.fail_next("PATCH", &node_path(LOST), 409);
+    // The node side writes to the Node right after the controller lists it.
+    api.change_after_next("GET", "/api/v1/nodes", &node_path(LOST), |node| {
+        node["metadata"]["annotations"]["example.com/touched"] = json!("yes");
+    });
     let mut controller = controller(&api.kubeconfig(dir.path()));
     let deadline = Instant::now() + Duration::from_secs(60);
     while api.object(&node_path(LOST)).expect("node")["spec"]["unschedulable"] == json!(true) {
@@ -328,6 +331,7 @@ fn a_give_up_the_node_refuses_is_planned_again_from_what_the_node_is_now() {
     let patches: Vec<_> = api.requests().into_iter().filter(|r| r.method == "PATCH").collect();
     assert_eq!(patches[0].status, 409, "the first give-up was refused");
     assert_eq!(patches[1].status, 200);
+    assert_ne!(patches[0].body["metadata"]["resourceVersion"], patches[1].body["metadata"]["resourceVersion"]);
     assert_eq!(patches[1].body["metadata"]["labels"][UPGRADE_STATE_LABEL], json!("failed"));
     assert_eq!(state(&api, LOST).as_deref(), Some("failed"));
     let events: Vec<Value> = api.objects("/apis/events.k8s.io/v1/namespaces/default/events");

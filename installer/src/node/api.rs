@@ -104,6 +104,11 @@ impl Reporter {
         Ok(self.upgrade_order_at().await?.map(|order| (order.state, order.target)))
     }
 
+    /// Whether orders are read from the Node (through the API server).
+    pub fn reads_orders(&self) -> bool {
+        matches!(self, Self::Kube { .. })
+    }
+
     /// [`Reporter::upgrade_order`], with the Node's `resourceVersion` it was read at.
     pub async fn upgrade_order_at(&self) -> Result<Option<Order>> {
         let Self::Kube { client, node } = self else { return Ok(None) };

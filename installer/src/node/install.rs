@@ -231,6 +231,10 @@ async fn install_locked(
 ) -> Result<ReadyMarker> {
     let _lock = HostLock::acquire(layout).await?;
     let wanted = &request.stage.driver_version;
+    // Another driver loaded and ready: whatever fails before a switch unloads it (staging the new
+    // one, say), it keeps serving, and its marker and the Node's upgrade state stay.
+    facts.untouched = crate::node::status::loaded_version(layout)
+        .filter(|loaded| loaded != wanted && matches!(ready::check(layout, Some(loaded)), ready::Readiness::Ready(_)));
     // A marker from an earlier boot describes modules that are gone.
     if let Some(marker) = ready::read_marker(layout)
         && marker.boot_id.is_some()
@@ -377,7 +381,10 @@ async fn switch(
     loaded: &str,
     (unload_wait, recheck): (Duration, bool),
 ) -> Result<ReadyMarker> {
-    facts.untouched = Some(loaded.to_owned());
+    if facts.untouched.is_none() {
+        // Loaded but not ready (its marker gone): nothing serves, but nothing is unloaded yet.
+        facts.untouched = Some(loaded.to_owned());
+    }
     let wanted = &request.stage.driver_version;
     let kept = |state: Option<State>, reason: String| Error::KeptLoaded {
         loaded: loaded.to_owned(),
@@ -405,9 +412,7 @@ async fn switch(
     }
     if recheck {
         confirm_order(reporter, facts, wanted).await.map_err(|withdrawn| match withdrawn {
-            Withdrawn::To(state) => {
-                kept(None, format!("the order to switch was withdrawn while waiting (the node is now {state})"))
-            }
+            Withdrawn::To(now) => kept(None, format!("the order to switch was withdrawn while waiting ({now})")),
             Withdrawn::Failed(error) => error,
         })?;
     } else {
@@ -460,8 +465,8 @@ async fn switch(
 
 /// Why a switch did not start.
 enum Withdrawn {
-    /// The controller moved the node to this state meanwhile (it gave the node up).
-    To(State),
+    /// What the Node says now: the controller gave it up (`failed`), or its state was removed.
+    To(String),
     Failed(Error),
 }
 
@@ -472,14 +477,18 @@ const CONFIRM_ATTEMPTS: u32 = 5;
 /// carries the resourceVersion read, so a controller that gave the node up in between (or any other
 /// change to the Node) makes it fail, and the order is read again.
 async fn confirm_order(reporter: &Reporter, facts: &mut RunFacts, wanted: &str) -> std::result::Result<(), Withdrawn> {
+    if !reporter.reads_orders() {
+        // No API to ask (no --node-name): nothing but this run orders the switch.
+        return set_state(reporter, facts, State::Installing, wanted, None).await.map_err(Withdrawn::Failed);
+    }
     for _ in 0..CONFIRM_ATTEMPTS {
         let Some(order) = reporter.upgrade_order_at().await.map_err(Withdrawn::Failed)? else {
-            // No API to ask (no --node-name): nothing but this run orders the switch.
-            return set_state(reporter, facts, State::Installing, wanted, None).await.map_err(Withdrawn::Failed);
+            facts.upgrade = None;
+            return Err(Withdrawn::To("the Node has no upgrade state now".to_owned()));
         };
         if !matches!(order.state, State::Unloading | State::Installing | State::Validating) {
             facts.upgrade = Some((order.state, order.target.unwrap_or_default()));
-            return Err(Withdrawn::To(order.state));
+            return Err(Withdrawn::To(format!("the node is now {}", order.state)));
         }
         let written = reporter
             .upgrade_state_at(State::Installing, wanted, None, order.version.as_deref())

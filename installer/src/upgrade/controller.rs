@@ -119,8 +119,9 @@ impl Controller {
         }
         let mut actions = plan::plan(&views, &pods, &self.config.policy, SystemTime::now());
         actions.retain(|action| !unknown.contains(action.node()));
-        // A node's steps follow one another (cordon, then `cordoned`): after one fails, the rest
-        // of that node's steps wait for the next round.
+        // A node's writes follow one another (cordon, then `cordoned`; `failed`, then its Event):
+        // after one of them fails, the rest of that node's steps wait for the next round. A failed
+        // eviction or pod deletion holds up nothing else.
         let mut failed = HashSet::new();
         for action in actions {
             if failed.contains(action.node()) {
@@ -131,7 +132,9 @@ impl Controller {
                 Ok(Err(error)) => warn!(%error, ?action, "upgrade step failed; retried next round"),
                 Err(_) => warn!(?action, "upgrade step took too long; retried next round"),
             }
-            failed.insert(action.node().to_owned());
+            if matches!(action, Action::Cordon { .. } | Action::Uncordon { .. } | Action::SetState { .. }) {
+                failed.insert(action.node().to_owned());
+            }
         }
         Ok(())
     }

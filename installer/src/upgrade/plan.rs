@@ -165,7 +165,10 @@ pub fn plan(nodes: &[NodeView], pods: &[PodView], policy: &Policy, now: SystemTi
                 if let Some(stalled) = stalled_for(node, policy, now) {
                     let long_past =
                         stalled_for(node, &Policy { switch_timeout: 2 * policy.switch_timeout, ..*policy }, now);
-                    unloading_stalled(node, &installers, (&stalled, long_past.is_some()), &mut actions);
+                    // Only a pod created after the order can have acted on it.
+                    let ordered: Vec<&PodView> =
+                        installers.iter().copied().filter(|p| p.created.is_some_and(|c| c >= since)).collect();
+                    unloading_stalled(node, (&installers, &ordered), (&stalled, long_past.is_some()), &mut actions);
                 }
             }
             Some(state @ (State::Installing | State::Validating)) => {
@@ -237,7 +240,7 @@ const MAX_REASON_BYTES: usize = 300;
 /// node whose installer pod is still in its install step is warned about first.
 fn unloading_stalled(
     node: &NodeView,
-    installers: &[&PodView],
+    (installers, ordered): (&[&PodView], &[&PodView]),
     (stalled, long_past): (&str, bool),
     actions: &mut Vec<Action>,
 ) {
@@ -246,7 +249,7 @@ fn unloading_stalled(
         Some("the node is NotReady".to_owned())
     } else if installers.is_empty() {
         Some("no installer pod runs on it (is the DaemonSet's node selector or affinity still matching?)".to_owned())
-    } else if installers.iter().all(|p| p.initialized) {
+    } else if !ordered.is_empty() && ordered.iter().all(|p| p.initialized) {
         Some(format!("the install step of {names} ended without switching (its log says why)"))
     } else if long_past {
         Some(format!("the installer pod {names} has not started it"))
@@ -558,6 +561,13 @@ mod tests {
                 if r.contains("ended without switching"))),
             "{actions:?}"
         );
+        // A pod from before the order (a controller that stopped before deleting it) is restarted,
+        // not taken for one whose install step ended without switching.
+        let mut stale = installer.clone();
+        stale.created = Some(at(10));
+        let actions = plan(std::slice::from_ref(&orphan), &[stale], &pol, at(1000 + 900));
+        assert!(!actions.iter().any(|a| matches!(a, Action::SetState { .. })), "{actions:?}");
+        assert!(actions.iter().any(|a| matches!(a, Action::RestartInstaller { pod, .. } if pod == "inst")));
         // NotReady with its installer pod still there: given up too (nothing was unloaded).
         let mut gone = orphan.clone();
         gone.ready = false;
