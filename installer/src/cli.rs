@@ -87,6 +87,15 @@ pub struct UpgradeControllerArgs {
     /// How often it looks.
     #[arg(long, env = "NVIDIA_UPGRADE_INTERVAL", value_parser = humantime::parse_duration, default_value = "10s")]
     pub interval: Duration,
+    /// The Lease (in --namespace) one controller at a time holds; others stand by.
+    #[arg(long, env = "NVIDIA_UPGRADE_LEASE", default_value = "nvidia-installer-upgrade-controller")]
+    pub lease_name: String,
+    /// How long a Lease not renewed stays its holder's before a standing-by controller takes it.
+    #[arg(long, env = "NVIDIA_UPGRADE_LEASE_DURATION", value_parser = humantime::parse_duration, default_value = "15s")]
+    pub lease_duration: Duration,
+    /// This controller's name in the Lease (a unique suffix is added); the pod's name in the chart.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
 }
 
 /// What `install` does when another driver version is loaded.

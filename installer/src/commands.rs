@@ -448,6 +448,18 @@ fn work_dir_beside(output: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// A name for this controller process in the Lease: the pod's (or the host's), made unique to
+/// this process, so that two processes never both take the Lease for their own.
+fn controller_identity(base: Option<&str>) -> String {
+    let base = base
+        .filter(|b| !b.is_empty())
+        .map(str::to_owned)
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_owned()))
+        .unwrap_or_else(|| "upgrade-controller".to_owned());
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    format!("{base}_{}_{:x}", std::process::id(), started.as_nanos() & 0xffff_ffff)
+}
+
 pub async fn upgrade_controller(args: &UpgradeControllerArgs) -> Result<()> {
     let installer_labels = args
         .installer_labels
@@ -472,6 +484,7 @@ pub async fn upgrade_controller(args: &UpgradeControllerArgs) -> Result<()> {
             switch_timeout: args.switch_timeout,
         },
         interval: args.interval,
+        lease: (args.lease_name.clone(), controller_identity(args.identity.as_deref()), args.lease_duration),
     };
     let no_client = |e: String| Error::Node { node: String::new(), reason: format!("no Kubernetes client: {e}") };
     let mut kube_config = kube::Config::infer().await.map_err(|e| no_client(e.to_string()))?;

@@ -90,11 +90,14 @@ def test_controller_args_are_the_values(case: str) -> None:
         "--switch-timeout": v["upgrade"]["switchTimeout"],
         "--gpu-resources": ",".join(v["injection"]["gpuResources"]),
         "--interval": v["upgrade"]["interval"],
+        "--lease-name": deployment["metadata"]["name"],
         "--log-format": v["logFormat"],
     }
     # $(POD_NAMESPACE) is the pod's own namespace, from the downward API: the installer pods'.
     env = {e["name"]: e for e in c["env"]}
     assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    # The pod's name, as its identity in the Lease.
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert deployment["metadata"]["namespace"] == one(objs, "DaemonSet", "installer")["metadata"]["namespace"]
     assert env["RUST_LOG"]["value"] == ("debug" if v["debug"] else v["logLevel"])
     # The installer's own image (the controller is a subcommand of nvidia-installer).
@@ -171,6 +174,11 @@ def test_max_unavailable_renders_as_the_controller_reads_it(tmp_path: Path, give
 
 # --- RBAC ---------------------------------------------------------------------------------------
 
+def deployment_lease(objs: list[dict[str, Any]]) -> str:
+    """The Lease the controller holds, from its arguments."""
+    return flags(controller(objs)["args"])["--lease-name"]
+
+
 def rules(objs: list[dict[str, Any]], kind: str, namespace: str | None = None) -> list[dict[str, Any]]:
     found = [r for r in find(objs, kind, COMPONENT)
              if namespace is None or r["metadata"].get("namespace") == namespace]
@@ -188,12 +196,18 @@ def test_controller_rights_are_exactly_what_it_uses(case: str) -> None:
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
         {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]},
     ] + ([delete_pods] if force_after else [])
-    # Without force-after it deletes only the installer pods, in the release namespace.
-    assert rules(objs, "Role", render.NAMESPACE) == ([] if force_after else [delete_pods])
+    # Its Lease (create, and reading and renewing its own), and without force-after deleting only
+    # the installer pods, in the release namespace.
+    lease = deployment_lease(objs)
+    assert rules(objs, "Role", render.NAMESPACE) == ([] if force_after else [delete_pods]) + [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [lease],
+         "verbs": ["get", "update"]},
+    ]
     # Events about Nodes, in `default` only.
     assert rules(objs, "Role", "default") == [
         {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]}]
-    assert len(find(objs, "Role", COMPONENT)) == (1 if force_after else 2)
+    assert len(find(objs, "Role", COMPONENT)) == (2 if force_after else 3)
     # Every binding binds its own role to the controller's ServiceAccount, and every role is bound.
     account = one(objs, "ServiceAccount", COMPONENT)["metadata"]["name"]
     roles = {(r["kind"], r["metadata"].get("namespace"), r["metadata"]["name"])
@@ -273,9 +287,10 @@ def test_the_compiler_instance_has_no_upgrades(case: str) -> None:
 def test_the_defaults_deploy_the_controller() -> None:
     assert SEED_COMPILER in COMPILER_CASES
     kinds = sorted(o["kind"] for o in controller_objects(objects("defaults")))
-    # Without force-after: the release namespace's Role for the installer pods, and the Events Role.
+    # Without force-after: the release namespace's Roles for the Lease and the installer pods, and
+    # the Events Role.
     assert kinds == sorted(["Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-                            "Role", "RoleBinding", "Role", "RoleBinding"])
+                            "Role", "RoleBinding", "Role", "RoleBinding", "Role", "RoleBinding"])
 
 
 # --- the device plugin -------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ fn controller(kubeconfig: &Path) -> Child {
     Command::new(workspace_binary("nvidia-installer"))
         .args(["upgrade-controller", "--namespace", "kube-system", "--installer-labels", "app=nvidia-installer"])
         .args(["--max-unavailable", &MAX_UNAVAILABLE.to_string(), "--interval", "150ms", "--drain-timeout", "1h"])
-        .args(["--switch-timeout", "2s"])
+        .args(["--switch-timeout", "2s", "--lease-duration", "1s"])
         .env("KUBECONFIG", kubeconfig)
         .env_remove("KUBERNETES_SERVICE_HOST")
         .stdout(Stdio::null())
@@ -210,9 +210,12 @@ fn a_rollout_keeps_to_max_unavailable_through_a_pdb_a_failure_and_a_controller_r
         assert!(Instant::now() < deadline, "no node finished within a minute");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The second starts while the first still runs (a pod left on a partitioned node while its
+    // replacement starts): it stands by until the first, killed, leaves the lease unrenewed.
+    let mut second = controller(&kubeconfig);
+    std::thread::sleep(Duration::from_millis(800));
     first.kill().expect("kill");
     let first_log = first.wait_with_output().expect("first controller");
-    let mut second = controller(&kubeconfig);
     let finished = |api: &ApiServer| {
         (0..NODES).all(|i| {
             let node = api.object(&node_path(&node_name(i))).expect("node");
@@ -235,6 +238,22 @@ fn a_rollout_keeps_to_max_unavailable_through_a_pdb_a_failure_and_a_controller_r
     stop.store(true, Ordering::SeqCst);
     nodes.join().expect("nodes");
     let logs = format!("{}{}", String::from_utf8_lossy(&first_log.stderr), String::from_utf8_lossy(&second_log.stderr));
+    // One controller acted at a time: the second did nothing before it took the lease over.
+    let second_text = String::from_utf8_lossy(&second_log.stderr);
+    let standing_by = second_text.find("standing by").unwrap_or_else(|| panic!("the second stood by\n{logs}"));
+    let took_over = second_text.find("taking it over").unwrap_or_else(|| panic!("the second took over\n{logs}"));
+    assert!(standing_by < took_over);
+    for acted in ["cordoning", "upgrade state", "evicted", "deleting", "uncordoning"] {
+        assert!(
+            second_text.find(acted).is_none_or(|at| at > took_over),
+            "the second {acted} while standing by\n{logs}"
+        );
+    }
+    let lease = api
+        .object("/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/nvidia-installer-upgrade-controller")
+        .expect("the lease");
+    assert_eq!(lease["spec"]["leaseTransitions"], json!(1), "{lease}");
+    assert_eq!(lease["spec"]["leaseDurationSeconds"], json!(1), "{lease}");
 
     assert!(
         most_cordoned_at_once(&api) <= MAX_UNAVAILABLE,

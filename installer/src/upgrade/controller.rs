@@ -15,6 +15,7 @@ use nvidia_contract::{
 use serde_json::json;
 use tracing::{info, warn};
 
+use super::lease::Elector;
 use super::plan::{self, Action, Policy};
 use super::{State, node_view, pod_view};
 use crate::node::api::node_event;
@@ -30,6 +31,9 @@ pub struct Config {
     pub gpu_resources: Vec<String>,
     pub policy: Policy,
     pub interval: Duration,
+    /// The Lease in `namespace` that one controller at a time holds, this controller's identity,
+    /// and how long a Lease not renewed stays its holder's.
+    pub lease: (String, String, Duration),
 }
 
 /// The merge patch that moves a node to `state` (with `reason`, or none), now.
@@ -45,7 +49,9 @@ pub fn state_patch(state: State, reason: Option<&str>) -> serde_json::Value {
 
 /// Run rounds every `config.interval` until `stop` resolves.
 pub async fn run(client: kube::Client, config: Config, stop: impl Future<Output = ()>) -> Result<()> {
-    let mut controller = Controller { client, config, warned: HashMap::new() };
+    let (lease, identity, duration) = &config.lease;
+    let elector = Elector::new(client.clone(), &config.namespace, lease, identity, *duration);
+    let mut controller = Controller { client, config, warned: HashMap::new(), elector };
     tokio::pin!(stop);
     info!(
         namespace = %controller.config.namespace,
@@ -53,6 +59,8 @@ pub async fn run(client: kube::Client, config: Config, stop: impl Future<Output 
         drain_timeout = %humantime::format_duration(controller.config.policy.drain_timeout),
         switch_timeout = %humantime::format_duration(controller.config.policy.switch_timeout),
         on_drain_timeout = ?controller.config.policy.on_drain_timeout,
+        lease = %controller.config.lease.0,
+        identity = %controller.config.lease.1,
         "upgrade controller started"
     );
     loop {
@@ -71,6 +79,7 @@ struct Controller {
     config: Config,
     /// When a warning Event about a pod was last recorded (so a blocked drain does not flood).
     warned: HashMap<String, Instant>,
+    elector: Elector,
 }
 
 /// The longest one API call of a round may take.
@@ -82,6 +91,9 @@ const WARN_EVERY: Duration = Duration::from_secs(120);
 impl Controller {
     /// One round: read, plan, act.
     async fn round(&mut self) -> Result<()> {
+        if !self.elector.lead().await? {
+            return Ok(());
+        }
         let nodes: Api<Node> = Api::all(self.client.clone());
         let listed = nodes
             .list(&ListParams::default().labels(DRIVER_READY_LABEL))
@@ -124,10 +136,18 @@ impl Controller {
         // eviction or pod deletion holds up nothing else.
         let mut failed = HashSet::new();
         for action in actions {
+            // Renewed when due; a lease lost (or not renewed in time) ends the round: another
+            // controller may be acting on what is left.
+            if !self.elector.lead().await? {
+                warn!("no longer holding the upgrade controller's lease; the rest of this round is left");
+                return Ok(());
+            }
             if failed.contains(action.node()) {
                 continue;
             }
-            match tokio::time::timeout(STEP_TIMEOUT, self.perform(&action, &mut versions)).await {
+            // No step outlives the lease it was started under.
+            let limit = STEP_TIMEOUT.min(self.elector.remaining());
+            match tokio::time::timeout(limit, self.perform(&action, &mut versions)).await {
                 Ok(Ok(())) => continue,
                 Ok(Err(error)) => warn!(%error, ?action, "upgrade step failed; retried next round"),
                 Err(_) => warn!(?action, "upgrade step took too long; retried next round"),

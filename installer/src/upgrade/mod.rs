@@ -11,6 +11,7 @@
 //! annotations ([`nvidia_contract::UPGRADE_STATE_LABEL`] and friends).
 
 pub mod controller;
+pub mod lease;
 pub mod plan;
 
 use std::time::Duration;
