@@ -91,7 +91,7 @@ pub struct UpgradeControllerArgs {
     #[arg(long, env = "NVIDIA_UPGRADE_LEASE", default_value = "nvidia-installer-upgrade-controller")]
     pub lease_name: String,
     /// How long a Lease not renewed stays its holder's before a standing-by controller takes it.
-    #[arg(long, env = "NVIDIA_UPGRADE_LEASE_DURATION", value_parser = humantime::parse_duration, default_value = "15s")]
+    #[arg(long, env = "NVIDIA_UPGRADE_LEASE_DURATION", value_parser = whole_seconds, default_value = "15s")]
     pub lease_duration: Duration,
     /// This controller's name in the Lease (a unique suffix is added); the pod's name in the chart.
     #[arg(long, env = "POD_NAME")]
@@ -470,6 +470,15 @@ pub fn given<T: Clone + AsRef<std::ffi::OsStr>>(value: &Option<T>) -> Option<T> 
     value.clone().filter(|v| !v.as_ref().is_empty())
 }
 
+/// A duration of whole seconds, at least one (a Lease's duration is written in seconds).
+fn whole_seconds(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if duration.is_zero() || duration.subsec_nanos() != 0 {
+        return Err(format!("{text}: whole seconds, at least 1s"));
+    }
+    Ok(duration)
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -513,5 +522,13 @@ mod tests {
             .expect("parses");
         let Command::Install(install) = install.command else { panic!("not install") };
         assert_eq!(install.modules, nvidia_contract::DEFAULT_MODULES);
+    }
+
+    #[test]
+    fn a_lease_duration_is_whole_seconds() {
+        assert_eq!(whole_seconds("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(whole_seconds("1m"), Ok(Duration::from_secs(60)));
+        assert!(whole_seconds("0s").is_err());
+        assert!(whole_seconds("1500ms").is_err());
     }
 }

@@ -44,6 +44,8 @@ pub struct ApiRequest {
     pub body: Value,
     /// The status it was answered with.
     pub status: u16,
+    /// When it was answered.
+    pub at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -295,7 +297,15 @@ async fn handle(store: &Store, bearer: &str, request: Request<hyper::body::Incom
         change(stored);
         stored["metadata"]["resourceVersion"] = json!(store.next_version());
     }
-    lock(&store.requests).push(ApiRequest { method, path, query, content_type, body, status });
+    lock(&store.requests).push(ApiRequest {
+        method,
+        path,
+        query,
+        content_type,
+        body,
+        status,
+        at: std::time::Instant::now(),
+    });
     Response::builder()
         .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
         .header("content-type", "application/json")

@@ -63,13 +63,24 @@ pub async fn run(client: kube::Client, config: Config, stop: impl Future<Output 
         identity = %controller.config.lease.1,
         "upgrade controller started"
     );
+    // Between rounds the Lease is renewed (or watched) often enough that a long interval does
+    // not let it lapse.
+    let renew_every = controller.config.lease.2.max(Duration::from_secs(1)) / 3;
     loop {
         if let Err(error) = controller.round().await {
             warn!(%error, "upgrade round failed; trying again");
         }
-        tokio::select! {
-            _ = &mut stop => return Ok(()),
-            _ = tokio::time::sleep(controller.config.interval) => {}
+        let next_round = Instant::now() + controller.config.interval;
+        while let Some(left) = next_round.checked_duration_since(Instant::now()).filter(|l| !l.is_zero()) {
+            tokio::select! {
+                _ = &mut stop => return Ok(()),
+                _ = tokio::time::sleep(left.min(renew_every)) => {}
+            }
+            if Instant::now() < next_round
+                && let Err(error) = controller.elector.lead().await
+            {
+                warn!(%error, "renewing the upgrade controller's lease");
+            }
         }
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, ObjectMeta, PostParams};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{Error, Result};
 
@@ -45,19 +45,37 @@ impl Elector {
         }
     }
 
+    /// The Lease's duration as written in it (whole seconds, at least one).
+    fn whole_seconds(&self) -> Duration {
+        Duration::from_secs(self.duration.as_secs().max(1))
+    }
+
+    /// How long a renewal lets this controller act: two thirds of the Lease's duration, so that
+    /// it stops well before a standing-by controller may take over (as client-go's renew deadline).
+    fn acting_window(&self) -> Duration {
+        self.whole_seconds() * 2 / 3
+    }
+
     /// Whether this controller may act now, renewing or taking the Lease when due: renewed once
-    /// less than half its duration is left.
+    /// less than half its acting window is left. A renewal that does not answer within a third of
+    /// the duration counts as not holding it.
     pub async fn lead(&mut self) -> Result<bool> {
-        if self.valid_until.is_some_and(|until| until.saturating_duration_since(Instant::now()) > self.duration / 2) {
+        if self.remaining() > self.acting_window() / 2 {
             return Ok(true);
         }
         self.valid_until = None;
         let started = Instant::now();
-        let held = self.acquire_or_renew().await?;
+        let held = match tokio::time::timeout(self.whole_seconds() / 3, self.acquire_or_renew()).await {
+            Ok(held) => held?,
+            Err(_) => {
+                warn!(lease = %self.name, "the lease did not answer in time; not acting");
+                false
+            }
+        };
         if held {
-            self.valid_until = Some(started + self.duration);
+            self.valid_until = Some(started + self.acting_window());
         }
-        Ok(held)
+        Ok(held && self.remaining() > Duration::ZERO)
     }
 
     /// How much longer the last renewal covers acting (no request).
@@ -67,7 +85,7 @@ impl Elector {
 
     async fn acquire_or_renew(&mut self) -> Result<bool> {
         let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
-        let seconds = i32::try_from(self.duration.as_secs().max(1)).unwrap_or(i32::MAX);
+        let seconds = i32::try_from(self.whole_seconds().as_secs()).unwrap_or(i32::MAX);
         let Some(mut lease) = self.api.get_opt(&self.name).await.map_err(|e| self.error("reading", e))? else {
             let lease = Lease {
                 metadata: ObjectMeta { name: Some(self.name.clone()), ..ObjectMeta::default() },
