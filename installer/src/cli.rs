@@ -96,6 +96,9 @@ pub struct UpgradeControllerArgs {
     /// This controller's name in the Lease (a unique suffix is added); the pod's name in the chart.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Serve the controller's metrics (`GET /metrics`, plain HTTP) on this address, e.g. 0.0.0.0:9403.
+    #[arg(long, env = "NVIDIA_UPGRADE_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// What `install` does when another driver version is loaded.

@@ -485,6 +485,7 @@ pub async fn upgrade_controller(args: &UpgradeControllerArgs) -> Result<()> {
         },
         interval: args.interval,
         lease: (args.lease_name.clone(), controller_identity(args.identity.as_deref()), args.lease_duration),
+        metrics_listen: args.metrics_listen,
     };
     let no_client = |e: String| Error::Node { node: String::new(), reason: format!("no Kubernetes client: {e}") };
     let mut kube_config = kube::Config::infer().await.map_err(|e| no_client(e.to_string()))?;

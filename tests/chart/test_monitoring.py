@@ -82,7 +82,7 @@ def test_vendored_crds_are_the_ones_rendered() -> None:
 
 
 def test_strict_crd_validation_refuses_unknown_and_wrong_fields() -> None:
-    monitor = one(render_with(PLATFORM), "PodMonitor")
+    monitor = one(render_with(PLATFORM), "PodMonitor", "installer")
     validate(monitor)
     for break_it in (lambda m: m["spec"]["podMetricsEndpoints"][0].update(portName="metrics"),
                      lambda m: m["spec"].update(selectors={}),
@@ -118,7 +118,10 @@ def test_no_monitors_without_their_targets() -> None:
     # The compiler instance serves no metrics; a disabled webhook has no Service.
     assert monitors(render_with(render.CHART_DIR / "ci/seed-compiler-values.yaml", on=enabled())) == []
     objs = render_with(REQUIRED, on=enabled(), off={"webhook": {"enabled": False}})
-    assert [m["kind"] for m in monitors(objs)] == ["PodMonitor"]
+    assert [m["kind"] for m in monitors(objs)] == ["PodMonitor", "PodMonitor"]
+    # Without live upgrades there is no upgrade controller to scrape.
+    objs = render_with(REQUIRED, on=enabled(), off={"webhook": {"enabled": False}, "upgrade": {"enabled": False}})
+    assert [m["metadata"]["labels"]["app.kubernetes.io/component"] for m in monitors(objs)] == ["installer"]
 
 
 # --- what they scrape -------------------------------------------------------------------------------
@@ -126,7 +129,7 @@ def test_no_monitors_without_their_targets() -> None:
 def test_pod_monitor_scrapes_the_status_containers() -> None:
     v = values("platform-values")
     objs = objects("platform-values")
-    monitor = one(objs, "PodMonitor")
+    monitor = one(objs, "PodMonitor", "installer")
     validate(monitor)
     daemonset = one(objs, "DaemonSet", "installer")
     assert monitor["metadata"]["namespace"] == render.NAMESPACE
@@ -147,6 +150,24 @@ def test_pod_monitor_scrapes_the_status_containers() -> None:
             "action": "replace"} in endpoint["relabelings"]
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
     assert monitor["metadata"]["labels"]["app.kubernetes.io/component"] == "installer"
+
+
+def test_pod_monitor_scrapes_the_upgrade_controller() -> None:
+    objs = render_with(REQUIRED, on=enabled(interval="15s"), port={"upgrade": {"metrics": {"port": 9600}}})
+    monitor = one(objs, "PodMonitor", "upgrade-controller")
+    validate(monitor)
+    deployment = one(objs, "Deployment", "upgrade-controller")
+    pod_labels = {w["metadata"]["name"]: w["spec"]["template"]["metadata"]["labels"]
+                  for w in find(objs, "DaemonSet") + find(objs, "Deployment")}
+    selected = {name for name, labels in pod_labels.items() if selector_matches(monitor["spec"]["selector"], labels)}
+    assert selected == {deployment["metadata"]["name"]}
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    controller = container(deployment, "containers", "upgrade-controller")
+    [port] = [p for p in controller["ports"] if p["name"] == endpoint["port"]]
+    assert port["containerPort"] == 9600
+    assert "--metrics-listen=0.0.0.0:9600" in controller["args"]
+    assert (endpoint["path"], endpoint["scheme"], endpoint["interval"]) == ("/metrics", "http", "15s")
+    assert "relabelings" not in endpoint, "the controller's node says nothing about the rollout"
 
 
 @pytest.mark.parametrize("files", [(PLATFORM,), (CERT_MANAGER,)], ids=["certs-container", "cert-manager"])

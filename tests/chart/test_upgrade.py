@@ -91,6 +91,7 @@ def test_controller_args_are_the_values(case: str) -> None:
         "--gpu-resources": ",".join(v["injection"]["gpuResources"]),
         "--interval": v["upgrade"]["interval"],
         "--lease-name": deployment["metadata"]["name"],
+        "--metrics-listen": f"0.0.0.0:{v['upgrade']['metrics']['port']}",
         "--log-format": v["logFormat"],
     }
     # $(POD_NAMESPACE) is the pod's own namespace, from the downward API: the installer pods'.

@@ -101,9 +101,10 @@ fn cluster(api: &ApiServer) {
     api.insert(&pod_path("web", "web-cpu-00"), pod("web", "web-cpu-00", "cpu-00", false, json!({})));
 }
 
-fn controller(kubeconfig: &Path) -> Child {
+fn controller(kubeconfig: &Path, extra: &[&str]) -> Child {
     Command::new(workspace_binary("nvidia-installer"))
         .args(["upgrade-controller", "--namespace", "kube-system", "--installer-labels", "app=nvidia-installer"])
+        .args(extra)
         .args(["--max-unavailable", &MAX_UNAVAILABLE.to_string(), "--interval", "150ms", "--drain-timeout", "1h"])
         .args(["--switch-timeout", "2s", "--lease-duration", "1s"])
         .env("KUBECONFIG", kubeconfig)
@@ -112,6 +113,22 @@ fn controller(kubeconfig: &Path) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("upgrade-controller")
+}
+
+/// A port free on loopback now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+/// The text at `GET /metrics` on loopback `port` (empty while nothing answers).
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: controller\r\nConnection: close\r\n\r\n");
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer
 }
 
 fn state(api: &ApiServer, node: &str) -> Option<String> {
@@ -204,7 +221,7 @@ fn a_rollout_keeps_to_max_unavailable_through_a_pdb_a_failure_and_a_controller_r
     let kubeconfig = api.kubeconfig(dir.path());
 
     // The first controller, killed once some nodes are out; a second one carries on.
-    let mut first = controller(&kubeconfig);
+    let mut first = controller(&kubeconfig, &[]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while (0..NODES).filter(|i| matches!(state(&api, &node_name(*i)).as_deref(), Some("done" | "failed"))).count() < 2 {
         assert!(Instant::now() < deadline, "no node finished within a minute");
@@ -212,7 +229,9 @@ fn a_rollout_keeps_to_max_unavailable_through_a_pdb_a_failure_and_a_controller_r
     }
     // The second starts while the first still runs (a pod left on a partitioned node while its
     // replacement starts): it stands by until the first, killed, leaves the lease unrenewed.
-    let mut second = controller(&kubeconfig);
+    let metrics = free_port();
+    let listen = format!("127.0.0.1:{metrics}");
+    let mut second = controller(&kubeconfig, &["--metrics-listen", &listen]);
     std::thread::sleep(Duration::from_millis(800));
     first.kill().expect("kill");
     let first_log = first.wait_with_output().expect("first controller");
@@ -233,6 +252,24 @@ fn a_rollout_keeps_to_max_unavailable_through_a_pdb_a_failure_and_a_controller_r
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Where the rollout stands, as the controller's metrics say once its last round has read it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = scrape(metrics);
+    while !seen.contains("nvidia_installer_upgrade_nodes{state=\"done\"} 8\n") {
+        assert!(Instant::now() < deadline, "the controller's metrics:\n{seen}");
+        std::thread::sleep(Duration::from_millis(100));
+        seen = scrape(metrics);
+    }
+    for line in [
+        "nvidia_installer_upgrade_nodes{state=\"failed\"} 2\n",
+        "nvidia_installer_upgrade_nodes{state=\"none\"} 0\n",
+        "nvidia_installer_upgrade_nodes_out_of_service 0\n",
+        &format!("nvidia_installer_upgrade_max_unavailable_nodes {MAX_UNAVAILABLE}\n"),
+        "nvidia_installer_upgrade_controller_leader 1\n",
+    ] {
+        assert!(seen.contains(line), "{line}in\n{seen}");
+    }
+    assert!(seen.contains("nvidia_installer_upgrade_steps_total{action=\"uncordon\",outcome=\"ok\"}"), "{seen}");
     second.kill().expect("kill");
     let second_log = second.wait_with_output().expect("second controller");
     stop.store(true, Ordering::SeqCst);
@@ -351,7 +388,7 @@ fn a_give_up_the_node_refuses_is_planned_again_from_what_the_node_is_now() {
     api.change_after_next("GET", "/api/v1/nodes", &node_path(LOST), |node| {
         node["metadata"]["annotations"]["example.com/touched"] = json!("yes");
     });
-    let mut controller = controller(&api.kubeconfig(dir.path()));
+    let mut controller = controller(&api.kubeconfig(dir.path()), &[]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while api.object(&node_path(LOST)).expect("node")["spec"]["unschedulable"] == json!(true) {
         assert!(Instant::now() < deadline, "the node was not given up and uncordoned");

@@ -117,10 +117,22 @@ fn escape(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-struct Text(String);
+pub(crate) struct Text(pub(crate) String);
 
 impl Text {
-    fn metric(&mut self, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+    /// The text, opened with `nvidia_installer_build_info`.
+    pub(crate) fn with_build_info() -> Self {
+        let mut text = Self(String::new());
+        text.metric(
+            "nvidia_installer_build_info",
+            "gauge",
+            "The nvidia-installer that reports, as a label",
+            &[(labels(&[("version", env!("CARGO_PKG_VERSION"))]), 1.0)],
+        );
+        text
+    }
+
+    pub(crate) fn metric(&mut self, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
         let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (labels, value) in samples {
             let _ = writeln!(self.0, "{name}{labels} {value}");
@@ -128,21 +140,15 @@ impl Text {
     }
 }
 
-fn labels(pairs: &[(&str, &str)]) -> String {
+pub(crate) fn labels(pairs: &[(&str, &str)]) -> String {
     let inner: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
     format!("{{{}}}", inner.join(","))
 }
 
 /// The metrics of `status` (the node's state now) and `record` (the last install run).
 pub fn render(status: &Status, record: Option<&RunRecord>) -> String {
-    let mut text = Text(String::new());
+    let mut text = Text::with_build_info();
     let plain = |v: f64| vec![(String::new(), v)];
-    text.metric(
-        "nvidia_installer_build_info",
-        "gauge",
-        "The nvidia-installer that reports, as a label",
-        &[(labels(&[("version", env!("CARGO_PKG_VERSION"))]), 1.0)],
-    );
     text.metric(
         "nvidia_installer_driver_ready",
         "gauge",
@@ -293,8 +299,16 @@ pub async fn serve(listen: SocketAddr, layout: Layout, pin: Option<String>) -> R
 /// closed, and none stays longer than 10 s, so idle or slow clients hold a slot only that long;
 /// a scrape queued behind them in the kernel's backlog is answered next.
 pub async fn serve_on(listener: tokio::net::TcpListener, layout: Layout, pin: Option<String>) -> Result<()> {
+    serve_rendered(listener, move || current(&layout, pin.as_deref())).await
+}
+
+/// Serve what `render` returns at `GET /metrics` (and `/healthz`), bounded as [`serve_on`] says.
+pub async fn serve_rendered(
+    listener: tokio::net::TcpListener,
+    render: impl Fn() -> String + Send + Sync + 'static,
+) -> Result<()> {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let state = Arc::new((layout, pin));
+    let render = Arc::new(render);
     loop {
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { return Ok(()) };
         let (stream, _) = match listener.accept().await {
@@ -305,11 +319,11 @@ pub async fn serve_on(listener: tokio::net::TcpListener, layout: Layout, pin: Op
                 continue;
             }
         };
-        let state = Arc::clone(&state);
+        let render = Arc::clone(&render);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, std::convert::Infallible>(answer(&request, &state.0, state.1.as_deref())) }
+                let render = Arc::clone(&render);
+                async move { Ok::<_, std::convert::Infallible>(answer(&request, render.as_ref())) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -321,11 +335,9 @@ pub async fn serve_on(listener: tokio::net::TcpListener, layout: Layout, pin: Op
     }
 }
 
-fn answer(request: &Request<hyper::body::Incoming>, layout: &Layout, pin: Option<&str>) -> Response<Full<Bytes>> {
+fn answer(request: &Request<hyper::body::Incoming>, render: &(impl Fn() -> String + ?Sized)) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
-        (&Method::GET, "/metrics") => {
-            (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", current(layout, pin))
-        }
+        (&Method::GET, "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", render()),
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
         _ => (StatusCode::NOT_FOUND, "text/plain", "not found: GET /metrics or /healthz\n".to_owned()),
     };
@@ -338,7 +350,7 @@ fn answer(request: &Request<hyper::body::Incoming>, layout: &Layout, pin: Option
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::node::ready::ReadyMarker;
 
@@ -411,17 +423,31 @@ mod tests {
         assert!(text.contains("# TYPE nvidia_installer_s3_retries_total counter\n"), "{text}");
     }
 
-    /// docs/operations.md lists exactly the metrics `render` exposes.
-    #[test]
-    fn the_documented_node_metrics_are_the_exposed_ones() {
+    /// The metric names docs/operations.md lists in its section `heading`.
+    pub(crate) fn documented(heading: &str) -> std::collections::BTreeSet<String> {
         let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md"))
             .expect("docs/operations.md");
-        let section = doc.split("### The node").nth(1).expect("the section").split("\n#").next().unwrap_or_default();
-        let documented: std::collections::BTreeSet<String> = section
+        let section = doc.split(heading).nth(1).expect("the section").split("\n#").next().unwrap_or_default();
+        section
             .lines()
             .filter_map(|line| line.strip_prefix("| `nvidia_installer_"))
             .map(|rest| format!("nvidia_installer_{}", rest.split(['`', '{']).next().unwrap_or_default()))
-            .collect();
+            .collect()
+    }
+
+    /// The metric names a text exposes samples of.
+    pub(crate) fn exposed(text: &str) -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// docs/operations.md lists exactly the metrics `render` exposes.
+    #[test]
+    fn the_documented_node_metrics_are_the_exposed_ones() {
+        let documented = documented("### The node");
         let mut state = status(true);
         state.last_error =
             Some(crate::node::ready::LastError { reason: "r".into(), driver_version: "1".into(), at: String::new() });
@@ -430,14 +456,7 @@ mod tests {
             upgrade: Some(UpgradeSeen { state: "done".into(), target: "1".into() }),
             ..RunRecord::default()
         };
-        let text = render(&state, Some(&record));
-        let exposed: std::collections::BTreeSet<String> = text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-            .filter_map(|l| l.split(['{', ' ']).next())
-            .map(str::to_owned)
-            .collect();
-        assert_eq!(documented, exposed);
+        assert_eq!(documented, exposed(&render(&state, Some(&record))));
     }
 
     /// Every slot held by a client that sends nothing: a scrape still gets its answer once the

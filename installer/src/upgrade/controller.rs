@@ -3,6 +3,7 @@
 //! labels.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -16,6 +17,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::lease::Elector;
+use super::metrics::Stats;
 use super::plan::{self, Action, Policy};
 use super::{State, node_view, pod_view};
 use crate::node::api::node_event;
@@ -34,6 +36,8 @@ pub struct Config {
     /// The Lease in `namespace` that one controller at a time holds, this controller's identity,
     /// and how long a Lease not renewed stays its holder's.
     pub lease: (String, String, Duration),
+    /// Where to serve the controller's metrics (`GET /metrics`, plain HTTP).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The merge patch that moves a node to `state` (with `reason`, or none), now.
@@ -51,7 +55,18 @@ pub fn state_patch(state: State, reason: Option<&str>) -> serde_json::Value {
 pub async fn run(client: kube::Client, config: Config, stop: impl Future<Output = ()>) -> Result<()> {
     let (lease, identity, duration) = &config.lease;
     let elector = Elector::new(client.clone(), &config.namespace, lease, identity, *duration);
-    let mut controller = Controller { client, config, warned: HashMap::new(), elector };
+    let stats = Arc::new(Mutex::new(Stats::default()));
+    if let Some(listen) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| Error::io("listening for metrics on", std::path::Path::new(&listen.to_string()), e))?;
+        info!(%listen, "serving the upgrade controller's metrics at /metrics");
+        let shown = Arc::clone(&stats);
+        tokio::spawn(crate::node::metrics::serve_rendered(listener, move || {
+            shown.lock().map(|s| super::metrics::render(&s)).unwrap_or_default()
+        }));
+    }
+    let mut controller = Controller { client, config, warned: HashMap::new(), elector, stats };
     tokio::pin!(stop);
     info!(
         namespace = %controller.config.namespace,
@@ -67,9 +82,11 @@ pub async fn run(client: kube::Client, config: Config, stop: impl Future<Output 
     // not let it lapse.
     let renew_every = controller.config.lease.2.max(Duration::from_secs(1)) / 3;
     loop {
-        if let Err(error) = controller.round().await {
+        let outcome = controller.round().await;
+        if let Err(error) = &outcome {
             warn!(%error, "upgrade round failed; trying again");
         }
+        controller.record(|s| s.round(outcome.is_ok()));
         let next_round = Instant::now() + controller.config.interval;
         while let Some(left) = next_round.checked_duration_since(Instant::now()).filter(|l| !l.is_zero()) {
             tokio::select! {
@@ -91,6 +108,7 @@ struct Controller {
     /// When a warning Event about a pod was last recorded (so a blocked drain does not flood).
     warned: HashMap<String, Instant>,
     elector: Elector,
+    stats: Arc<Mutex<Stats>>,
 }
 
 /// The longest one API call of a round may take.
@@ -101,8 +119,16 @@ const WARN_EVERY: Duration = Duration::from_secs(120);
 
 impl Controller {
     /// One round: read, plan, act.
+    fn record(&self, change: impl FnOnce(&mut Stats)) {
+        if let Ok(mut stats) = self.stats.lock() {
+            change(&mut stats);
+        }
+    }
+
     async fn round(&mut self) -> Result<()> {
-        if !self.elector.lead().await? {
+        let leading = self.elector.lead().await;
+        self.record(|s| s.leader = matches!(leading, Ok(true)));
+        if !leading? {
             return Ok(());
         }
         let nodes: Api<Node> = Api::all(self.client.clone());
@@ -111,6 +137,8 @@ impl Controller {
             .await
             .map_err(|e| api_error("listing the GPU nodes", "", e))?;
         let views: Vec<_> = listed.items.iter().map(node_view).collect();
+        let budget = self.config.policy.max_unavailable.of(views.len());
+        self.record(|s| s.saw(views.iter().map(|v| v.state), plan::unavailable(&views), budget));
         // Every Node write is conditional on the version this round planned from (and then on
         // the version the write before it left): one the node side changed meanwhile is refused
         // and looked at again next round.
@@ -151,6 +179,7 @@ impl Controller {
             // controller may be acting on what is left.
             if !self.elector.lead().await? {
                 warn!("no longer holding the upgrade controller's lease; the rest of this round is left");
+                self.record(|s| s.leader = false);
                 return Ok(());
             }
             if failed.contains(action.node()) {
@@ -158,7 +187,9 @@ impl Controller {
             }
             // No step outlives the lease it was started under.
             let limit = STEP_TIMEOUT.min(self.elector.remaining());
-            match tokio::time::timeout(limit, self.perform(&action, &mut versions)).await {
+            let done = tokio::time::timeout(limit, self.perform(&action, &mut versions)).await;
+            self.record(|s| s.step(&action, matches!(done, Ok(Ok(())))));
+            match done {
                 Ok(Ok(())) => continue,
                 Ok(Err(error)) => warn!(%error, ?action, "upgrade step failed; retried next round"),
                 Err(_) => warn!(?action, "upgrade step took too long; retried next round"),

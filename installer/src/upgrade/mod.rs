@@ -12,6 +12,7 @@
 
 pub mod controller;
 pub mod lease;
+pub mod metrics;
 pub mod plan;
 
 use std::time::Duration;

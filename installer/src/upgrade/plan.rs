@@ -99,6 +99,19 @@ pub struct Policy {
 }
 
 impl Action {
+    /// What kind of step it is, as the controller's metrics name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Cordon { .. } => "cordon",
+            Self::Uncordon { .. } => "uncordon",
+            Self::SetState { .. } => "set_state",
+            Self::Evict { .. } => "evict",
+            Self::Delete { .. } => "delete",
+            Self::RestartInstaller { .. } => "restart_installer",
+            Self::Event { .. } => "event",
+        }
+    }
+
     /// The node the action concerns.
     pub fn node(&self) -> &str {
         match self {
