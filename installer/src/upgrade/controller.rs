@@ -174,13 +174,18 @@ impl Controller {
         // after one of them fails, the rest of that node's steps wait for the next round. A failed
         // eviction or pod deletion holds up nothing else.
         let mut failed = HashSet::new();
+        let mut node = None;
         for action in actions {
-            // Renewed when due; a lease lost (or not renewed in time) ends the round: another
+            // Before each node's steps (a node's steps go together: cordon, `cordoned`, its Event):
+            // renewed when due; a lease lost (or not renewed in time) ends the round, as another
             // controller may be acting on what is left.
-            if !self.elector.lead().await? {
-                warn!("no longer holding the upgrade controller's lease; the rest of this round is left");
-                self.record(|s| s.leader = false);
-                return Ok(());
+            if node.as_deref() != Some(action.node()) {
+                if !self.elector.lead().await? {
+                    warn!("no longer holding the upgrade controller's lease; the rest of this round is left");
+                    self.record(|s| s.leader = false);
+                    return Ok(());
+                }
+                node = Some(action.node().to_owned());
             }
             if failed.contains(action.node()) {
                 continue;
