@@ -484,7 +484,11 @@ pub async fn upgrade_controller(args: &UpgradeControllerArgs) -> Result<()> {
             switch_timeout: args.switch_timeout,
         },
         interval: args.interval,
-        lease: (args.lease_name.clone(), controller_identity(args.identity.as_deref()), args.lease_duration),
+        lease: crate::upgrade::lease::LeaseConfig {
+            name: args.lease_name.clone(),
+            identity: controller_identity(args.identity.as_deref()),
+            duration: args.lease_duration,
+        },
         metrics_listen: args.metrics_listen,
     };
     let no_client = |e: String| Error::Node { node: String::new(), reason: format!("no Kubernetes client: {e}") };

@@ -47,16 +47,26 @@ fn request_for(server: &S3Server, driver: &str, upgrade: Upgrade) -> InstallRequ
 }
 
 fn ordered(state: State, wait: Duration) -> Upgrade {
-    Upgrade::Controller { order: Some((state, Some(NEW.to_owned()))), unload_wait: wait, recheck: true }
+    ordered_to(state, NEW, wait)
 }
 
-fn states(reports: &Arc<Mutex<Vec<Report>>>) -> Vec<String> {
+/// The controller's order `state`, towards `target`, as read from the Node.
+fn ordered_to(state: State, target: &str, wait: Duration) -> Upgrade {
+    Upgrade::Controller { order: Some((state, Some(target.to_owned()))), unload_wait: wait, recheck: true }
+}
+
+/// The upgrade states reported, each with the driver version it names.
+fn moves(reports: &Arc<Mutex<Vec<Report>>>) -> Vec<(String, String)> {
     reports
         .lock()
         .expect("reports")
         .iter()
-        .filter_map(|r| r.reason.strip_prefix("upgrade:").map(str::to_owned))
+        .filter_map(|r| Some((r.reason.strip_prefix("upgrade:")?.to_owned(), r.driver_version.clone())))
         .collect()
+}
+
+fn states(reports: &Arc<Mutex<Vec<Report>>>) -> Vec<String> {
+    moves(reports).into_iter().map(|(state, _)| state).collect()
 }
 
 fn loaded_version(host: &Path) -> Option<String> {
@@ -199,18 +209,14 @@ async fn a_new_target_mid_rollout_keeps_the_controllers_state() {
     let (server, _work, host_dir, layout) = serving_a().await;
     let kernel = SimKernel::new(host_dir.path());
     let reports = Arc::new(Mutex::new(Vec::new()));
-    let order = Upgrade::Controller {
-        order: Some((State::Draining, Some("560.35.03".to_owned()))),
-        unload_wait: Duration::from_secs(1),
-        recheck: true,
-    };
+    let order = ordered_to(State::Draining, "560.35.03", Duration::from_secs(1));
     let marker = install(&layout, &request_for(&server, NEW, order), &kernel, &Reporter::Record(reports.clone()))
         .await
         .expect("A");
     assert_eq!(marker.driver_version, DRIVER);
-    let recorded = reports.lock().expect("reports").clone();
-    let moved = recorded.iter().find(|r| r.reason.starts_with("upgrade:")).expect("a state");
-    assert_eq!((moved.reason.as_str(), moved.driver_version.as_str()), ("upgrade:draining", NEW));
+    let moved = moves(&reports);
+    let moved = moved.first().expect("a state");
+    assert_eq!((moved.0.as_str(), moved.1.as_str()), ("draining", NEW));
     assert!(kernel.calls().is_empty());
 }
 
@@ -221,23 +227,15 @@ async fn an_ordered_switch_goes_to_the_target_wanted_now() {
     let (server, _work, host_dir, layout) = serving_a().await;
     let kernel = SimKernel::new(host_dir.path());
     let reports = Arc::new(Mutex::new(Vec::new()));
-    let order = Upgrade::Controller {
-        order: Some((State::Unloading, Some("560.35.03".to_owned()))),
-        unload_wait: Duration::from_secs(5),
-        recheck: true,
-    };
+    let order = ordered_to(State::Unloading, "560.35.03", Duration::from_secs(5));
     let marker = install(&layout, &request_for(&server, NEW, order), &kernel, &Reporter::Record(reports.clone()))
         .await
         .expect("switch");
     assert_eq!(marker.driver_version, NEW);
     assert_eq!(loaded_version(host_dir.path()).as_deref(), Some(NEW));
-    let recorded = reports.lock().expect("reports").clone();
-    let moved: Vec<_> = recorded
-        .iter()
-        .filter(|r| r.reason.starts_with("upgrade:"))
-        .map(|r| (r.reason.as_str(), r.driver_version.as_str()))
-        .collect();
-    assert_eq!(moved, [("upgrade:installing", NEW), ("upgrade:validating", NEW), ("upgrade:done", NEW)]);
+    let moved = moves(&reports);
+    let moved: Vec<(&str, &str)> = moved.iter().map(|(s, v)| (s.as_str(), v.as_str())).collect();
+    assert_eq!(moved, [("installing", NEW), ("validating", NEW), ("done", NEW)]);
 }
 
 /// When neither the new driver nor the old one loads again, the node has no working driver: it is
@@ -374,11 +372,7 @@ async fn a_new_driver_that_cannot_be_staged_leaves_a_serving_and_the_state_alone
     let kernel = SimKernel::new(host_dir.path());
     let reports = Arc::new(Mutex::new(Vec::new()));
     let missing = "560.35.03";
-    let order = Upgrade::Controller {
-        order: Some((State::Draining, Some(missing.to_owned()))),
-        unload_wait: Duration::from_secs(1),
-        recheck: true,
-    };
+    let order = ordered_to(State::Draining, missing, Duration::from_secs(1));
     let error = install(&layout, &request_for(&server, missing, order), &kernel, &Reporter::Record(reports.clone()))
         .await
         .expect_err("nothing to stage");
@@ -388,6 +382,12 @@ async fn a_new_driver_that_cannot_be_staged_leaves_a_serving_and_the_state_alone
     assert!(matches!(ready::check(&layout, Some(DRIVER)), Readiness::Ready(_)), "A's marker stays");
     let reported = reports.lock().expect("reports").last().cloned().expect("a report");
     assert!(reported.ready && reported.driver_version == DRIVER, "{reported:?}");
+    // The same without the controller (the manual way): A and its marker stay.
+    install(&layout, &request_for(&server, missing, Upgrade::Manual), &kernel, &Reporter::Log)
+        .await
+        .expect_err("nothing to stage");
+    assert!(matches!(ready::check(&layout, Some(DRIVER)), Readiness::Ready(_)), "A's marker stays");
+    assert!(kernel.calls().is_empty());
 }
 
 /// The Node cannot be read again before the unload: nothing is unloaded, A's ready marker and the

@@ -43,8 +43,6 @@ pub enum Upgrade {
     Controller { order: Option<(State, Option<String>)>, unload_wait: Duration, recheck: bool },
 }
 
-/// How long the switch waits for processes to let go of the old driver, unless configured.
-pub const DEFAULT_UNLOAD_WAIT: Duration = Duration::from_secs(300);
 /// How often it looks meanwhile.
 const UNLOAD_POLL: Duration = Duration::from_secs(2);
 
@@ -53,7 +51,8 @@ const UNLOAD_POLL: Duration = Duration::from_secs(2);
 struct RunFacts {
     /// How long the stage step took.
     stage: Option<Duration>,
-    /// The last upgrade state this run recorded on the Node (or read there last), with its target.
+    /// The last upgrade state this run recorded on the Node or read there, with its target (none:
+    /// the Node has no upgrade state).
     upgrade: Option<(State, String)>,
     /// While a switch has not unloaded anything yet: the loaded driver, still serving.
     untouched: Option<String>,
@@ -80,21 +79,19 @@ pub async fn install(
     reporter: &Reporter,
 ) -> Result<ReadyMarker> {
     let started = Instant::now();
-    let mut facts = RunFacts::default();
+    // The order read at the start, until the run records (or reads) another state.
+    let order = match &request.upgrade {
+        Upgrade::Controller { order: Some((state, target)), .. } => Some((*state, target.clone().unwrap_or_default())),
+        _ => None,
+    };
+    let mut facts = RunFacts { upgrade: order, ..RunFacts::default() };
     let result = install_reported(layout, request, kernel, reporter, &mut facts).await;
     let versions = (request.stage.driver_version.as_str(), request.stage.kernel_release.as_str());
     let mut record =
         metrics::run_record(result.is_ok(), started.elapsed(), versions, request.stage.transfer.throttle.stats());
     record.stage_duration_seconds = facts.stage.map(|d| d.as_secs_f64());
-    let order = match &request.upgrade {
-        Upgrade::Controller { order: Some((state, target)), .. } => Some((*state, target.clone().unwrap_or_default())),
-        _ => None,
-    };
-    // What this run saw; nothing when the Node has no upgrade state (its label was removed).
-    record.upgrade = facts
-        .upgrade
-        .or(order)
-        .map(|(state, target)| metrics::UpgradeSeen { state: state.as_str().to_owned(), target });
+    record.upgrade =
+        facts.upgrade.map(|(state, target)| metrics::UpgradeSeen { state: state.as_str().to_owned(), target });
     if let Err(error) = metrics::record_run(layout, record) {
         warn!(%error, "recording the run for the node's metrics");
     }
@@ -172,15 +169,21 @@ async fn install_reported(
                 .await;
         }
         Err(error) if facts.untouched.is_some() => {
-            // The switch stopped before it unloaded anything: the loaded driver keeps serving, its
-            // marker stays, and the state is left as the controller set it. The run fails, so the
-            // kubelet runs it again.
+            // Nothing was unloaded: the loaded driver keeps serving (if it did), its marker stays,
+            // and the state is left as the controller set it. The run fails, so the kubelet runs it
+            // again.
             let loaded = facts.untouched.clone().unwrap_or_default();
-            let message = format!("the switch to {driver} did not start: {error}; driver {loaded} keeps serving");
-            warn!(%message, "switch not started");
+            let message = format!("driver {driver} was not installed: {error}; driver {loaded} stays loaded");
+            warn!(%message, "nothing unloaded");
+            // For `wait` and `status` (a ready marker, kept, still comes first).
+            let failure =
+                LastError { reason: error.to_string(), driver_version: driver.clone(), at: ready::now_rfc3339() };
+            if let Err(e) = ready::write_last_error(layout, &failure) {
+                warn!(error = %e, "could not record the failure for wait");
+            }
             reporter
                 .report(Report {
-                    ready: true,
+                    ready: matches!(ready::check(layout, Some(&loaded)), ready::Readiness::Ready(_)),
                     driver_version: loaded,
                     reason: "DriverUpdatePending".to_owned(),
                     message,
@@ -231,10 +234,9 @@ async fn install_locked(
 ) -> Result<ReadyMarker> {
     let _lock = HostLock::acquire(layout).await?;
     let wanted = &request.stage.driver_version;
-    // Another driver loaded and ready: whatever fails before a switch unloads it (staging the new
-    // one, say), it keeps serving, and its marker and the Node's upgrade state stay.
-    facts.untouched = crate::node::status::loaded_version(layout)
-        .filter(|loaded| loaded != wanted && matches!(ready::check(layout, Some(loaded)), ready::Readiness::Ready(_)));
+    // Another driver loaded: whatever fails before a switch unloads it (staging the new one, say)
+    // leaves it, its marker and the Node's upgrade state as they are.
+    facts.untouched = crate::node::status::loaded_version(layout).filter(|loaded| loaded != wanted);
     // A marker from an earlier boot describes modules that are gone.
     if let Some(marker) = ready::read_marker(layout)
         && marker.boot_id.is_some()
@@ -381,10 +383,6 @@ async fn switch(
     loaded: &str,
     (unload_wait, recheck): (Duration, bool),
 ) -> Result<ReadyMarker> {
-    if facts.untouched.is_none() {
-        // Loaded but not ready (its marker gone): nothing serves, but nothing is unloaded yet.
-        facts.untouched = Some(loaded.to_owned());
-    }
     let wanted = &request.stage.driver_version;
     let kept = |state: Option<State>, reason: String| Error::KeptLoaded {
         loaded: loaded.to_owned(),
@@ -410,7 +408,7 @@ async fn switch(
         }
         tokio::time::sleep(UNLOAD_POLL.min(unload_wait)).await;
     }
-    if recheck {
+    if recheck && reporter.reads_orders() {
         confirm_order(reporter, facts, wanted).await.map_err(|withdrawn| match withdrawn {
             Withdrawn::To(now) => kept(None, format!("the order to switch was withdrawn while waiting ({now})")),
             Withdrawn::Failed(error) => error,
@@ -477,10 +475,6 @@ const CONFIRM_ATTEMPTS: u32 = 5;
 /// carries the resourceVersion read, so a controller that gave the node up in between (or any other
 /// change to the Node) makes it fail, and the order is read again.
 async fn confirm_order(reporter: &Reporter, facts: &mut RunFacts, wanted: &str) -> std::result::Result<(), Withdrawn> {
-    if !reporter.reads_orders() {
-        // No API to ask (no --node-name): nothing but this run orders the switch.
-        return set_state(reporter, facts, State::Installing, wanted, None).await.map_err(Withdrawn::Failed);
-    }
     for _ in 0..CONFIRM_ATTEMPTS {
         let Some(order) = reporter.upgrade_order_at().await.map_err(Withdrawn::Failed)? else {
             facts.upgrade = None;

@@ -75,8 +75,7 @@ pub fn read_record(layout: &Layout) -> Option<RunRecord> {
 /// Record a finished `install` run: its figures, added to the totals of the runs before (its own
 /// `totals` and `finished_at` are filled in here).
 pub fn record_run(layout: &Layout, mut record: RunRecord) -> Result<RunRecord> {
-    let previous = read_record(layout);
-    let mut totals = previous.as_ref().map(|r| r.totals.clone()).unwrap_or_default();
+    let mut totals = read_record(layout).map(|r| r.totals).unwrap_or_default();
     if record.success {
         totals.succeeded += 1;
     } else {
@@ -288,21 +287,22 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serve `GET /metrics` (and `/healthz`) over plain HTTP on `listen` until the process ends.
 pub async fn serve(listen: SocketAddr, layout: Layout, pin: Option<String>) -> Result<()> {
+    serve_rendered(bind(listen).await?, move || current(&layout, pin.as_deref())).await
+}
+
+/// Listen for metrics scrapes on `listen`.
+pub async fn bind(listen: SocketAddr) -> Result<tokio::net::TcpListener> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| Error::io("listening for metrics on", Path::new(&listen.to_string()), e))?;
     info!(%listen, "serving metrics at /metrics");
-    serve_on(listener, layout, pin).await
+    Ok(listener)
 }
 
-/// [`serve`] on a bound listener. A connection that sends no whole request head within 5 s is
-/// closed, and none stays longer than 10 s, so idle or slow clients hold a slot only that long;
-/// a scrape queued behind them in the kernel's backlog is answered next.
-pub async fn serve_on(listener: tokio::net::TcpListener, layout: Layout, pin: Option<String>) -> Result<()> {
-    serve_rendered(listener, move || current(&layout, pin.as_deref())).await
-}
-
-/// Serve what `render` returns at `GET /metrics` (and `/healthz`), bounded as [`serve_on`] says.
+/// Serve what `render` returns at `GET /metrics` (and `/healthz`). A connection that sends no
+/// whole request head within 5 s is closed, and none stays longer than 10 s, so idle or slow
+/// clients hold a slot only that long; a scrape queued behind them in the kernel's backlog is
+/// answered next.
 pub async fn serve_rendered(
     listener: tokio::net::TcpListener,
     render: impl Fn() -> String + Send + Sync + 'static,
@@ -468,7 +468,7 @@ pub(crate) mod tests {
         let layout = Layout::new(dir.path(), "/opt/nvidia-installer");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
-        tokio::spawn(serve_on(listener, layout, None));
+        tokio::spawn(serve_rendered(listener, move || current(&layout, None)));
         let mut idle = Vec::new();
         for _ in 0..MAX_CONNECTIONS {
             idle.push(tokio::net::TcpStream::connect(address).await.expect("connect"));

@@ -16,7 +16,7 @@ use nvidia_contract::{
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::lease::Elector;
+use super::lease::{Elector, LeaseConfig};
 use super::metrics::Stats;
 use super::plan::{self, Action, Policy};
 use super::{State, node_view, pod_view};
@@ -33,9 +33,8 @@ pub struct Config {
     pub gpu_resources: Vec<String>,
     pub policy: Policy,
     pub interval: Duration,
-    /// The Lease in `namespace` that one controller at a time holds, this controller's identity,
-    /// and how long a Lease not renewed stays its holder's.
-    pub lease: (String, String, Duration),
+    /// The Lease in `namespace` that one controller at a time holds.
+    pub lease: LeaseConfig,
     /// Where to serve the controller's metrics (`GET /metrics`, plain HTTP).
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
@@ -53,14 +52,10 @@ pub fn state_patch(state: State, reason: Option<&str>) -> serde_json::Value {
 
 /// Run rounds every `config.interval` until `stop` resolves.
 pub async fn run(client: kube::Client, config: Config, stop: impl Future<Output = ()>) -> Result<()> {
-    let (lease, identity, duration) = &config.lease;
-    let elector = Elector::new(client.clone(), &config.namespace, lease, identity, *duration);
+    let elector = Elector::new(client.clone(), &config.namespace, &config.lease);
     let stats = Arc::new(Mutex::new(Stats::default()));
     if let Some(listen) = config.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|e| Error::io("listening for metrics on", std::path::Path::new(&listen.to_string()), e))?;
-        info!(%listen, "serving the upgrade controller's metrics at /metrics");
+        let listener = crate::node::metrics::bind(listen).await?;
         let shown = Arc::clone(&stats);
         tokio::spawn(crate::node::metrics::serve_rendered(listener, move || {
             shown.lock().map(|s| super::metrics::render(&s)).unwrap_or_default()
@@ -74,13 +69,13 @@ pub async fn run(client: kube::Client, config: Config, stop: impl Future<Output 
         drain_timeout = %humantime::format_duration(controller.config.policy.drain_timeout),
         switch_timeout = %humantime::format_duration(controller.config.policy.switch_timeout),
         on_drain_timeout = ?controller.config.policy.on_drain_timeout,
-        lease = %controller.config.lease.0,
-        identity = %controller.config.lease.1,
+        lease = %controller.config.lease.name,
+        identity = %controller.config.lease.identity,
         "upgrade controller started"
     );
     // Between rounds the Lease is renewed (or watched) often enough that a long interval does
     // not let it lapse.
-    let renew_every = controller.config.lease.2.max(Duration::from_secs(1)) / 3;
+    let renew_every = controller.config.lease.duration.max(Duration::from_secs(1)) / 3;
     loop {
         let outcome = controller.round().await;
         if let Err(error) = &outcome {
@@ -118,13 +113,14 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 const WARN_EVERY: Duration = Duration::from_secs(120);
 
 impl Controller {
-    /// One round: read, plan, act.
+    /// Change the figures the metrics show.
     fn record(&self, change: impl FnOnce(&mut Stats)) {
         if let Ok(mut stats) = self.stats.lock() {
             change(&mut stats);
         }
     }
 
+    /// One round: read, plan, act.
     async fn round(&mut self) -> Result<()> {
         let leading = self.elector.lead().await;
         self.record(|s| s.leader = matches!(leading, Ok(true)));

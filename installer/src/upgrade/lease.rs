@@ -14,8 +14,13 @@ use tracing::{info, warn};
 
 use crate::{Error, Result};
 
-/// How long a Lease not renewed stays another controller's, unless configured.
-pub const DEFAULT_DURATION: Duration = Duration::from_secs(15);
+/// Which Lease, who this controller is in it, and how long a Lease not renewed stays its holder's.
+#[derive(Debug, Clone)]
+pub struct LeaseConfig {
+    pub name: String,
+    pub identity: String,
+    pub duration: Duration,
+}
 
 /// The Lease and who this controller is.
 #[derive(Debug)]
@@ -33,12 +38,12 @@ pub struct Elector {
 }
 
 impl Elector {
-    pub fn new(client: kube::Client, namespace: &str, name: &str, identity: &str, duration: Duration) -> Self {
+    pub fn new(client: kube::Client, namespace: &str, lease: &LeaseConfig) -> Self {
         Self {
             api: Api::namespaced(client, namespace),
-            name: name.to_owned(),
-            identity: identity.to_owned(),
-            duration,
+            name: lease.name.clone(),
+            identity: lease.identity.clone(),
+            duration: lease.duration,
             observed: None,
             valid_until: None,
             standing_by_for: None,

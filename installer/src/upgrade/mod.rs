@@ -15,8 +15,6 @@ pub mod lease;
 pub mod metrics;
 pub mod plan;
 
-use std::time::Duration;
-
 use k8s_openapi::api::core::v1::{Node, Pod};
 use nvidia_contract::{
     INIT_CONTAINER, UPGRADE_CORDONED_ANNOTATION, UPGRADE_REASON_ANNOTATION, UPGRADE_SINCE_ANNOTATION,
@@ -147,6 +145,11 @@ fn time_of(text: &str) -> Option<std::time::SystemTime> {
     humantime::parse_rfc3339_weak(text).ok()
 }
 
+/// Whether the first condition of `kind` among `(type, status)` pairs is `True`.
+fn condition_true<'a>(mut conditions: impl Iterator<Item = (&'a str, &'a str)>, kind: &str) -> bool {
+    conditions.find(|(t, _)| *t == kind).is_some_and(|(_, status)| status == "True")
+}
+
 /// The controller's view of a Node.
 pub fn node_view(node: &Node) -> NodeView {
     let labels = node.metadata.labels.as_ref();
@@ -160,12 +163,10 @@ pub fn node_view(node: &Node) -> NodeView {
         cordoned_by_us: annotation(UPGRADE_CORDONED_ANNOTATION).as_deref() == Some("true"),
         since: annotation(UPGRADE_SINCE_ANNOTATION).as_deref().and_then(time_of),
         reason: annotation(UPGRADE_REASON_ANNOTATION).filter(|r| !r.is_empty()),
-        ready: node
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
-            .is_some_and(|c| c.status == "True"),
+        ready: condition_true(
+            node.status.iter().flat_map(|s| s.conditions.iter().flatten()).map(|c| (&*c.type_, &*c.status)),
+            "Ready",
+        ),
     }
 }
 
@@ -191,17 +192,12 @@ pub fn pod_view(pod: &Pod, patterns: &[String], namespace: &str, installer: &[(S
         terminating: pod.metadata.deletion_timestamp.is_some(),
         daemon,
         created: pod.metadata.creation_timestamp.as_ref().and_then(|t| time_of(&t.0.to_string())),
-        initialized: pod
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .and_then(|c| c.iter().find(|c| c.type_ == "Initialized"))
-            .is_some_and(|c| c.status == "True"),
+        initialized: condition_true(
+            pod.status.iter().flat_map(|s| s.conditions.iter().flatten()).map(|c| (&*c.type_, &*c.status)),
+            "Initialized",
+        ),
     })
 }
-
-/// How often the controller looks, unless configured.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {

@@ -93,8 +93,8 @@ pub struct Policy {
     pub drain_timeout: Duration,
     pub on_drain_timeout: DrainPolicy,
     /// How long a node may stay in `unloading`, `installing` or `validating` before the controller
-    /// says so in an Event; a node in `unloading` whose switch nobody can perform by then (the node
-    /// NotReady, no installer pod on it) is given up (`failed`, its driver kept, its slot freed).
+    /// says so in an Event; a node in `unloading` whose switch nobody performs is given up
+    /// (`failed`, its driver kept, its slot freed): see [`unloading_stalled`].
     pub switch_timeout: Duration,
 }
 
@@ -175,17 +175,17 @@ pub fn plan(nodes: &[NodeView], pods: &[PodView], policy: &Policy, now: SystemTi
                         });
                     }
                 }
-                if let Some(stalled) = stalled_for(node, policy, now) {
-                    let long_past =
-                        stalled_for(node, &Policy { switch_timeout: 2 * policy.switch_timeout, ..*policy }, now);
+                if let Some(waited) = in_state_for(node, now).filter(|w| *w >= policy.switch_timeout) {
+                    let long_past = waited >= 2 * policy.switch_timeout;
                     // Only a pod created after the order can have acted on it.
                     let ordered: Vec<&PodView> =
                         installers.iter().copied().filter(|p| p.created.is_some_and(|c| c >= since)).collect();
-                    unloading_stalled(node, (&installers, &ordered), (&stalled, long_past.is_some()), &mut actions);
+                    unloading_stalled(node, (&installers, &ordered), (&seconds(waited), long_past), &mut actions);
                 }
             }
             Some(state @ (State::Installing | State::Validating)) => {
-                if let Some(stalled) = stalled_for(node, policy, now) {
+                if let Some(waited) = in_state_for(node, now).filter(|w| *w >= policy.switch_timeout) {
+                    let stalled = seconds(waited);
                     // The old driver may be unloaded already: the node stays cordoned and keeps its
                     // slot (the rollout waits rather than take more nodes into a switch that fails).
                     let readiness = if node.ready { "" } else { "; the node is NotReady" };
@@ -234,11 +234,14 @@ pub fn plan(nodes: &[NodeView], pods: &[PodView], policy: &Policy, now: SystemTi
     actions
 }
 
-/// How long the node has been in its state, when that is past the switch timeout.
-fn stalled_for(node: &NodeView, policy: &Policy, now: SystemTime) -> Option<String> {
-    let waited = now.duration_since(node.since?).ok()?;
-    (waited >= policy.switch_timeout)
-        .then(|| humantime::format_duration(Duration::from_secs(waited.as_secs())).to_string())
+/// How long the node has been in its state (`None`: its `since` is missing, or ahead of `now`).
+fn in_state_for(node: &NodeView, now: SystemTime) -> Option<Duration> {
+    now.duration_since(node.since?).ok()
+}
+
+/// A duration in whole seconds, as the Events say it.
+fn seconds(duration: Duration) -> String {
+    humantime::format_duration(Duration::from_secs(duration.as_secs())).to_string()
 }
 
 /// How much of a reason the node side wrote goes into an Event of the controller's.
@@ -311,7 +314,7 @@ fn drain(node: &NodeView, pods: Vec<&PodView>, policy: &Policy, now: SystemTime,
         }
         return;
     }
-    let waited = node.since.and_then(|since| now.duration_since(since).ok()).unwrap_or_default();
+    let waited = in_state_for(node, now).unwrap_or_default();
     let names = holding.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect::<Vec<_>>().join(", ");
     let evict = |actions: &mut Vec<Action>| {
         for pod in holding.iter().filter(|p| !p.terminating) {
@@ -326,7 +329,7 @@ fn drain(node: &NodeView, pods: Vec<&PodView>, policy: &Policy, now: SystemTime,
         evict(actions);
         return;
     }
-    let waited_text = humantime::format_duration(Duration::from_secs(waited.as_secs()));
+    let waited_text = seconds(waited);
     match policy.on_drain_timeout {
         DrainPolicy::Wait => {
             evict(actions);
